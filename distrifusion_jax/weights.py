@@ -1,0 +1,191 @@
+"""Checkpoint loading without torch: diffusers-format or converted safetensors -> Flax parameters.
+
+Nothing here ever unpickles: `.bin`, `.ckpt` and `.pt` files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from . import keymap
+from .config import UNetConfig, to_diffusers_dict
+from .errors import CheckpointError
+from .models import UNet2DConditionModel
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+CONVERTED_WEIGHTS = "flax_params.safetensors"  # written by our converter, keyed by Flax paths
+VARIANTS = (None, "fp16", "bf16")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """'bfloat16' / jnp.bfloat16 / np.float32 ... -> numpy dtype; a clear error for anything else."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+        raise CheckpointError(f"unsupported dtype {dt}: use one of {', '.join(DTYPES)}")
+    return dt
+
+
+# ---- finding and reading files ----
+def _refuse_pickles(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle checkpoints found ({', '.join(pickles)}); they are never "
+                              "unpickled here: re-save the model with safetensors (diffusers: "
+                              "save_pretrained(..., safe_serialization=True))")
+
+
+def find_weight_files(folder: Path, stem: str = DIFFUSERS_WEIGHTS, variant: Optional[str] = None) -> list[Path]:
+    """The safetensors files of a diffusers component folder: single file or shards listed in an index.
+
+    Without `variant`, full precision is preferred, then the fp16 and bf16 variants.
+    """
+    variants = (variant,) if variant else VARIANTS
+    for v in variants:
+        name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            shards = [folder / s for s in sorted(set(weight_map.values()))]
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shard(s) that are not there: {', '.join(missing)}; "
+                                      "download the complete checkpoint")
+            return shards
+        if (folder / name).is_file():
+            return [folder / name]
+    _refuse_pickles(folder)
+    wanted = f"{stem}{'.' + variant if variant else ''}.safetensors"
+    raise CheckpointError(f"{folder}: no {wanted} (or sharded index) found; point to a diffusers UNet folder "
+                          "or one written by `distrifusion-jax convert`")
+
+
+def read_safetensors(files: list[Path]):
+    """Yield (key, numpy array) from each file, with a clear error for truncated or corrupt files."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}); download or convert "
+                                  "it again") from None
+
+
+def read_shapes(files: list[Path]) -> dict[str, tuple]:
+    """Key -> shape from the safetensors headers alone (no tensor data read)."""
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}); download or convert "
+                                  "it again") from None
+    return shapes
+
+
+def check_keys(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    """Fail with the lists of missing keys, unexpected keys and shape mismatches (Flax paths)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+                        for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
+    if missing or unexpected or mismatched:
+        def fmt(name, items):
+            head = "; ".join(items[:8]) + (f"; ... ({len(items) - 8} more)" if len(items) > 8 else "")
+            return f"{len(items)} {name}" + (f" [{head}]" if items else "")
+        raise CheckpointError(f"{source} does not match the model config: " + ", ".join(
+            [fmt("missing", missing), fmt("unexpected", unexpected), fmt("shape mismatches", mismatched)]))
+
+
+# ---- the UNet ----
+def read_unet_params(path, dtype=np.float32, variant: Optional[str] = None, progress=None):
+    """(UNetConfig, flat {Flax path: numpy array in `dtype`}) from a diffusers or converted UNet folder."""
+    folder = _check_folder(path)
+    config = UNetConfig.from_json(folder / "config.json")
+    dt = resolve_dtype(dtype)
+    expected = {k: tuple(v.shape) for k, v in keymap.flatten(UNet2DConditionModel(config).abstract_params()).items()}
+    converted = (folder / CONVERTED_WEIGHTS).is_file()
+    files = [folder / CONVERTED_WEIGHTS] if converted else find_weight_files(folder, variant=variant)
+    shapes = read_shapes(files)
+    plan = {k: (k, s, None) for k, s in shapes.items()} if converted else {
+        k: keymap.torch_to_flax(k, s) for k, s in shapes.items()}
+    check_keys(expected, {p: s for p, s, _ in plan.values()}, f"{files[0].parent}")
+    flat = {}
+    tensors = read_safetensors(files)
+    if progress is not None:
+        tensors = progress(tensors, total=len(shapes))
+    for key, array in tensors:
+        path_, _, perm = plan[key]
+        if perm:
+            array = array.transpose(perm)
+        flat[path_] = np.ascontiguousarray(array.astype(dt))
+    return config, flat
+
+
+def load_unet(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype=None,
+              attention_impl: Optional[str] = None):
+    """Load a UNet from a diffusers folder (`config.json` + `diffusion_pytorch_model[.fp16|.bf16].safetensors`
+    or shards with an index) or from a folder written by `distrifusion-jax convert`.
+
+    Returns `(unet, params)`: a `UNet2DConditionModel` computing in `dtype` and its parameters, cast to
+    `param_dtype` (default: `dtype`), as a nested dict of jax arrays.
+    """
+    param_dtype = dtype if param_dtype is None else param_dtype
+    config, flat = read_unet_params(path, param_dtype, variant)
+    unet = UNet2DConditionModel(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype),
+                                attention_impl=attention_impl)
+    return unet, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def save_unet_diffusers(folder, config: UNetConfig, params, dtype=np.float32) -> Path:
+    """Write params as a diffusers UNet folder (torch layout and key names) that diffusers can load."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dt = resolve_dtype(dtype)
+    tensors = {}
+    for path, value in keymap.flatten(params).items():
+        key, _, perm = keymap.flax_to_torch(path, tuple(value.shape))
+        array = np.asarray(value).astype(dt)
+        tensors[key] = np.ascontiguousarray(array.transpose(perm) if perm else array)
+    save_file(tensors, str(folder / f"{DIFFUSERS_WEIGHTS}.safetensors"))
+    (folder / "config.json").write_text(json.dumps(to_diffusers_dict(config), indent=2))
+    return folder
+
+
+def _check_folder(path) -> Path:
+    folder = Path(os.fspath(path)).expanduser()
+    if folder.is_file():
+        if folder.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{folder}: pickle checkpoints are never unpickled here; re-save the model with "
+                                  "safetensors (diffusers: save_pretrained(..., safe_serialization=True))")
+        raise CheckpointError(f"{folder} is a file; pass the model folder that holds config.json and the "
+                              "safetensors weights")
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        if not any(folder.glob("*.safetensors")):
+            _refuse_pickles(folder)
+        raise CheckpointError(f"{folder}: no config.json; pass a diffusers UNet folder (e.g. <pipeline>/unet) or "
+                              "one written by `distrifusion-jax convert`")
+    return folder

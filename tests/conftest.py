@@ -1,0 +1,31 @@
+"""Test set-up: 8 fake CPU devices (set before any JAX computation), tiny diffusers UNets on disk."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+from tiny import SD1_TINY, SD2_TINY, SDXL_TINY, torch_unet  # noqa: E402
+
+TINY_CONFIGS = {"sdxl": SDXL_TINY, "sd1": SD1_TINY, "sd2": SD2_TINY}
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory):
+    """name -> (diffusers folder with perturbed random weights, the torch model)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = torch_unet(TINY_CONFIGS[name])
+            folder = tmp_path_factory.mktemp(f"unet_{name}")
+            model.save_pretrained(folder)
+            cache[name] = (folder, model)
+        return cache[name]
+
+    return get

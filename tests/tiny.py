@@ -1,0 +1,79 @@
+"""Tiny model configurations and reference-model helpers shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# SDXL-like: text_time micro-conditioning, three levels, a different transformer depth per level,
+# linear projections, per-level head counts.
+SDXL_TINY = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "attention_head_dim": [2, 2, 4],
+    "block_out_channels": [16, 32, 32],
+    "center_input_sample": False,
+    "cross_attention_dim": 24,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 8,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 40,  # text_embeds 16 + 3 time ids x 8
+    "sample_size": 16,
+    "transformer_layers_per_block": [1, 1, 2],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+SDXL_TINY_TEXT_EMBED_DIM = 16
+SDXL_TINY_TIME_IDS = 3
+
+# SD 1.x-like: conv proj_in/proj_out, four levels, an int head count, no micro-conditioning.
+SD1_TINY = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 2,
+    "block_out_channels": [16, 16, 32, 32],
+    "center_input_sample": False,
+    "cross_attention_dim": 12,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 8,
+    "out_channels": 4,
+    "sample_size": 16,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+# SD 2.x-like: linear projections, upcast attention, per-level heads, centred input, shifted frequencies.
+SD2_TINY = dict(SD1_TINY, attention_head_dim=[2, 2, 4, 4], use_linear_projection=True, upcast_attention=True,
+                center_input_sample=True, freq_shift=1, flip_sin_to_cos=False, layers_per_block=[1, 2, 1, 1])
+
+
+def torch_unet(config: dict, seed: int = 0):
+    """A diffusers UNet with every parameter perturbed away from its initial value (float32, eval mode)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05 + 0.02)
+    return model
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
