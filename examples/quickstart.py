@@ -37,7 +37,7 @@ def main():
 
     # 1. a random checkpoint in diffusers format
     unet = dj.UNet2DConditionModel(SMALL_SDXL)
-    params = unet.init_params(jax.random.key(0))
+    params = unet.init_params(seed=0)
     n = sum(p.size for p in jax.tree.leaves(params))
     src = dj.save_unet_diffusers(out / "diffusers-unet", SMALL_SDXL, params)
     print(f"1. wrote a random SDXL-shaped UNet ({n:,} parameters) in diffusers format to {src}")
