@@ -5,6 +5,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ def test_converted_folder_loads_identical_params(dtype, tiny_unet_dir, tmp_path)
 
 def test_convert_script_runs_as_documented(tiny_unet_dir, tmp_path):
     folder, _ = tiny_unet_dir("sd1")
-    r = subprocess.run([sys.executable, "convert/convert_sdxl.py", str(folder), str(tmp_path / "c"),
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "convert" / "convert_sdxl.py"), str(folder), str(tmp_path / "c"),
                         "--dtype", "bfloat16"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "converted" in r.stderr and "bfloat16" in r.stderr

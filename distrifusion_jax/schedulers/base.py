@@ -97,8 +97,8 @@ class Scheduler:
     def alphas_cumprod(self) -> np.ndarray:
         """Cumulative product of (1 - beta) over the training timesteps, float32 (diffusers' `alphas_cumprod`).
 
-        diffusers builds the betas in float32 and accumulates the product in float32; we round the betas
-        to float32 the same way but accumulate in float64, which stays within ~1e-6 of diffusers.
+        Rounded like diffusers: betas and 1 - beta are float32, the running product is accumulated in
+        float64 (as torch's CPU cumprod does) and rounded to float32.
         """
         t = self.num_train_timesteps
         if self.trained_betas is not None:
@@ -117,18 +117,22 @@ class Scheduler:
                              np.float32)
         if self.rescale_betas_zero_snr:
             betas = _rescale_zero_terminal_snr(betas)
-        alphas = 1.0 - betas.astype(np.float64)
-        return np.cumprod(alphas).astype(np.float32)
+        alphas = np.float32(1) - betas
+        return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Shift and scale sqrt(alpha_bar) so the last timestep has zero SNR (Lin et al. 2023, Algorithm 1)."""
-    root = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
+    """Shift and scale sqrt(alpha_bar) so the last timestep has zero SNR (Lin et al. 2023, Algorithm 1).
+
+    float32 throughout, like diffusers (the product accumulated in float64 as torch does).
+    """
+    one = np.float32(1)
+    root = np.sqrt(np.cumprod((one - betas).astype(np.float64)).astype(np.float32))
     first, last = root[0], root[-1]
     root = (root - last) * (first / (first - last))
-    alpha_bar = root ** 2
+    alpha_bar = root * root
     alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return (1.0 - alphas).astype(np.float32)
+    return one - alphas
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:

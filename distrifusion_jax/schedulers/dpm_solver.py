@@ -61,11 +61,11 @@ class DPMSolverScheduler(Scheduler):
         return self.solver_type == "heun"
 
     def _train(self):
-        ac = self.alphas_cumprod().astype(np.float64)
+        ac = self.alphas_cumprod()
         if self.rescale_betas_zero_snr:
             ac[-1] = 2.0 ** -24  # as diffusers: keeps sigma and lambda finite at the last training timestep
-        sigmas = np.sqrt((1 - ac) / ac).astype(np.float32)
-        return ac, sigmas
+        # Variance-exploding noise levels in float32 arithmetic, as diffusers.
+        return ac, np.sqrt((np.float32(1) - ac) / ac)
 
     def _schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(int64 timesteps, float32 sigmas with the final level appended), as diffusers' `set_timesteps`."""
@@ -74,7 +74,7 @@ class DPMSolverScheduler(Scheduler):
         ac, train = self._train()
         # Half log-SNR lambda = log(alpha / sigma); timesteps whose lambda is below lambda_min_clipped are
         # dropped from the top of the range (for cosine schedules, where lambda diverges at t = T).
-        lam = 0.5 * (np.log(ac) - np.log1p(-ac))
+        lam = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))
         last = t - int(np.searchsorted(lam[::-1], self.lambda_min_clipped))
         if self.timestep_spacing == "linspace":
             ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
@@ -91,7 +91,7 @@ class DPMSolverScheduler(Scheduler):
                 ts = ts.round()
         else:
             sigmas = np.interp(ts, np.arange(t), train)
-        final = np.sqrt((1 - ac[0]) / ac[0]) if self.final_sigmas_type == "sigma_min" else 0.0
+        final = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
         return np.ascontiguousarray(ts).astype(np.int64), sigmas
 

@@ -49,9 +49,9 @@ class EulerScheduler(Scheduler):
         if self.rescale_betas_zero_snr:
             # diffusers replaces the zero alpha_bar of the last timestep by 2**-24 so its sigma stays finite.
             ac[-1] = 2.0 ** -24
-        ac = ac.astype(np.float64)
-        # Variance-exploding noise level of the VP process: x_t / sqrt(alpha_bar) = x0 + sigma * eps.
-        return np.sqrt((1 - ac) / ac).astype(np.float32), ac
+        # Variance-exploding noise level of the VP process: x_t / sqrt(alpha_bar) = x0 + sigma * eps
+        # (float32 arithmetic, as diffusers).
+        return np.sqrt((np.float32(1) - ac) / ac)
 
     def _schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 timesteps, float32 sigmas with the final level appended), as diffusers' `set_timesteps`."""
@@ -63,7 +63,7 @@ class EulerScheduler(Scheduler):
             ts = (np.arange(n) * (t // n)).round()[::-1].astype(np.float32) + self.steps_offset
         else:
             ts = np.arange(t, 0, -t / n).round().astype(np.float32) - 1
-        train, ac = self._train_sigmas()
+        train = self._train_sigmas()
         if self.interpolation_type == "linear":
             sigmas = np.interp(ts, np.arange(t), train)
         else:
@@ -74,7 +74,7 @@ class EulerScheduler(Scheduler):
             hi = self.sigma_max if self.sigma_max is not None else float(sigmas[0])
             sigmas = karras_sigmas(lo, hi, n)
             ts = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
-        last = np.sqrt((1 - ac[0]) / ac[0]) if self.final_sigmas_type == "sigma_min" else 0.0
+        last = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
         return ts, np.concatenate([sigmas, [last]]).astype(np.float32)
 
     def timesteps(self, num_inference_steps: int) -> np.ndarray:
