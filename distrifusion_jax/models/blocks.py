@@ -28,19 +28,23 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, ma
 
 
 class Common(nn.Module):
-    """Fields every block passes down: dtypes, activation, attention kernel choice."""
+    """Fields every block passes down: dtypes and the (opaque) patch-parallel plan of the leaf layers."""
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    parallel: Any = None
+
+    def common(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, parallel=self.parallel)
 
     def dense(self, features, name, use_bias=True):
         return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def conv(self, features, name, kernel_size=3, stride=1):
-        return Conv2d(features, kernel_size, stride, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return Conv2d(features, kernel_size, stride, **self.common(), name=name)
 
     def group_norm(self, groups, eps, name):
-        return GroupNorm(groups, eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return GroupNorm(groups, eps, **self.common(), name=name)
 
 
 class TimestepEmbedding(Common):
@@ -95,7 +99,7 @@ class FeedForward(Common):
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
-        x = GEGLU(self.dtype, self.param_dtype, 4 * dim, name="net_0")(x)
+        x = GEGLU(**self.common(), inner=4 * dim, name="net_0")(x)
         return self.dense(dim, "net_2")(x)
 
 
@@ -110,11 +114,11 @@ class BasicTransformerBlock(Common):
     def __call__(self, x, context):  # x: [B, T, D], context: [B, S, Dc]
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                                        use_fast_variance=False, name=name)
-        attn = lambda name: Attention(self.heads, self.head_dim, self.dtype, self.param_dtype,
-                                      self.attention_impl, name=name)
+        attn = lambda name: Attention(self.heads, self.head_dim, **self.common(),
+                                      implementation=self.attention_impl, name=name)
         x = x + attn("attn1")(ln("norm1")(x))
         x = x + attn("attn2")(ln("norm2")(x), context)
-        x = x + FeedForward(self.dtype, self.param_dtype, name="ff")(ln("norm3")(x))
+        x = x + FeedForward(**self.common(), name="ff")(ln("norm3")(x))
         return x
 
 
@@ -138,8 +142,8 @@ class Transformer2DModel(Common):
         else:
             hs = self.conv(inner, "proj_in", kernel_size=1)(hs).reshape(b, h * w, inner)
         for i in range(self.depth):
-            hs = BasicTransformerBlock(self.dtype, self.param_dtype, self.heads, self.head_dim,
-                                       self.attention_impl, name=f"transformer_blocks_{i}")(hs, context)
+            hs = BasicTransformerBlock(**self.common(), heads=self.heads, head_dim=self.head_dim,
+                                       attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(hs, context)
         if self.use_linear_projection:
             hs = self.dense(c, "proj_out")(hs).reshape(b, h, w, c)
         else:
@@ -183,13 +187,14 @@ class BlockSpec(Common):
     attention_impl: Optional[str] = None
 
     def resnet(self, i, scale=1.0):
-        return ResnetBlock2D(self.dtype, self.param_dtype, self.out_channels, self.groups, self.eps, self.act_fn,
-                             scale, name=f"resnets_{i}")
+        return ResnetBlock2D(**self.common(), out_channels=self.out_channels, groups=self.groups, eps=self.eps,
+                             act_fn=self.act_fn, output_scale_factor=scale, name=f"resnets_{i}")
 
     def transformer(self, i):
-        return Transformer2DModel(self.dtype, self.param_dtype, self.heads, self.out_channels // self.heads,
-                                  self.depth, self.groups, self.use_linear_projection, self.attention_impl,
-                                  name=f"attentions_{i}")
+        return Transformer2DModel(**self.common(), heads=self.heads, head_dim=self.out_channels // self.heads,
+                                  depth=self.depth, groups=self.groups,
+                                  use_linear_projection=self.use_linear_projection,
+                                  attention_impl=self.attention_impl, name=f"attentions_{i}")
 
 
 class DownBlock(BlockSpec):
@@ -206,7 +211,7 @@ class DownBlock(BlockSpec):
                 x = self.transformer(i)(x, context)
             states.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.dtype, self.param_dtype, self.out_channels, name="downsamplers_0")(x)
+            x = Downsample2D(**self.common(), out_channels=self.out_channels, name="downsamplers_0")(x)
             states.append(x)
         return x, states
 
@@ -224,7 +229,7 @@ class UpBlock(BlockSpec):
             if self.has_attention:
                 x = self.transformer(i)(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.dtype, self.param_dtype, self.out_channels, name="upsamplers_0")(x)
+            x = Upsample2D(**self.common(), out_channels=self.out_channels, name="upsamplers_0")(x)
         return x
 
 

@@ -34,26 +34,26 @@ class UNet2DConditionModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    parallel: Any = None  # patch-parallel plan for the leaf layers (distrifusion_jax.parallel); None: one device
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         cfg = self.config
         self.check_inputs(sample, timesteps, encoder_hidden_states, added_cond_kwargs)
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, parallel=self.parallel)
         batch = sample.shape[0]
 
         # 1. time embedding (+ SDXL micro-conditioning)
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (batch,))
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = TimestepEmbedding(**common, features=cfg.time_embed_dim, act_fn=cfg.act_fn,
-                                name="time_embedding")(t_emb)
+        embed = dict(dtype=self.dtype, param_dtype=self.param_dtype, features=cfg.time_embed_dim, act_fn=cfg.act_fn)
+        emb = TimestepEmbedding(**embed, name="time_embedding")(t_emb)
         if cfg.addition_embed_type == "text_time":
             time_ids = added_cond_kwargs["time_ids"]
             time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
                                              cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
             add = jnp.concatenate([added_cond_kwargs["text_embeds"].astype(jnp.float32), time_embeds], axis=-1)
-            emb = emb + TimestepEmbedding(**common, features=cfg.time_embed_dim, act_fn=cfg.act_fn,
-                                          name="add_embedding")(add)
+            emb = emb + TimestepEmbedding(**embed, name="add_embedding")(add)
         context = encoder_hidden_states.astype(self.dtype)
 
         # 2. input conv

@@ -22,6 +22,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: Optional[str] = None
+    parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
 
     @nn.compact
     def __call__(self, x, context=None):  # x: [B, T, D], context: [B, S, Dc] or None
@@ -46,4 +47,6 @@ class Attention(nn.Module):
 
     def self_attention_kv(self, k, v):
         """Keys and values of the whole image for self-attention: on one device, the local ones."""
+        if self.parallel is not None:
+            return self.parallel.self_attention_kv(self, k, v)
         return k, v

@@ -22,6 +22,7 @@ class Conv2d(nn.Module):
     stride: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
 
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, Cin] -> [B, H/stride, W/stride, features]
@@ -38,6 +39,8 @@ class Conv2d(nn.Module):
         return y + bias
 
     def pad_rows(self, x, pad):
-        """Rows above and below the input: zeros at the image border."""
+        """x with `pad` rows above and below: zeros at the image border, the neighbours' rows in a band."""
+        if self.parallel is not None:
+            return self.parallel.pad_rows(self, x, pad)
         zeros = jnp.zeros(x.shape[:1] + (pad,) + x.shape[2:], x.dtype)
         return jnp.concatenate([zeros, x, zeros], axis=1)

@@ -29,6 +29,7 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
 
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, C]
@@ -41,8 +42,11 @@ class GroupNorm(nn.Module):
         return normalize(x, mean, var, self.num_groups, self.epsilon, scale, bias, self.dtype)
 
     def statistics(self, x):
-        """Statistics of the whole image: on one device, those of the local array."""
-        return group_stats(x, self.num_groups)
+        """Statistics of the whole image: on one device those of x, in a band combined across bands."""
+        mean, var = group_stats(x, self.num_groups)
+        if self.parallel is not None:
+            return self.parallel.group_norm_stats(self, mean, var)
+        return mean, var
 
 
 def normalize(x, mean, var, num_groups, eps, scale, bias, dtype):
