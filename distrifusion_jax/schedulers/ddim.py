@@ -24,7 +24,7 @@ class DDIMScheduler(Scheduler):
 
     name: ClassVar[str] = "ddim"
     # Dynamic thresholding takes a per-sample quantile over all pixels, which a row band cannot compute.
-    fixed_fields: ClassVar[dict] = {"thresholding": (False,)}
+    fixed_fields: ClassVar[dict] = {"thresholding": (False, None)}
 
     clip_sample: bool = True
     clip_sample_range: float = 1.0

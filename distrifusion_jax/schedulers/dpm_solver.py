@@ -27,10 +27,7 @@ class DPMSolverScheduler(Scheduler):
     name: ClassVar[str] = "dpm-solver"
     fixed_fields: ClassVar[dict] = {
         # Dynamic thresholding needs a quantile over all pixels of a sample: not computable on a row band.
-        "thresholding": (False,),
-        # diffusers maps the DEIS / UniPC names to DPM-Solver++ midpoint; the SDE and noise-prediction
-        # (non-++) variants are not implemented.
-        "algorithm_type": ("dpmsolver++", "deis"),
+        "thresholding": (False, None),
         "variance_type": (None,),
         "use_exponential_sigmas": (False, None),
         "use_beta_sigmas": (False, None),
@@ -39,6 +36,7 @@ class DPMSolverScheduler(Scheduler):
     }
 
     timestep_spacing: str = "linspace"
+    algorithm_type: str = "dpmsolver++"
     solver_order: int = 2
     solver_type: str = "midpoint"
     lower_order_final: bool = True
@@ -54,6 +52,12 @@ class DPMSolverScheduler(Scheduler):
         self.check_choice("solver_order", (1, 2))
         self.check_choice("solver_type", ("midpoint", "heun", "logrho", "bh1", "bh2"))
         self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
+        # diffusers runs "deis" as DPM-Solver++ (and the UniPC / DEIS solver types as midpoint); the SDE and
+        # noise-prediction (non-++) variants are not implemented.
+        self.check_choice("algorithm_type", ("dpmsolver++", "deis"))
+        if self.algorithm_type == "deis" and self.final_sigmas_type == "zero":
+            raise ConfigError("unsupported dpm-solver scheduler config value final_sigmas_type='zero' with "
+                              "algorithm_type='deis' (diffusers refuses it): supported 'sigma_min'")
 
     @property
     def _heun(self) -> bool:
@@ -116,7 +120,10 @@ class DPMSolverScheduler(Scheduler):
         order[0] = 1
         if final_first:
             order[-1] = 1
-        return DPMSolverState(jnp.asarray(sigmas), jnp.asarray(order), jnp.zeros(sample.shape, jnp.float32))
+        # zeros_like (not zeros(shape)) so that inside shard_map the history is typed as varying over the
+        # mesh axes like the sample band it shadows; scan requires the carry's type to be stable.
+        history = jnp.zeros_like(sample, dtype=jnp.float32)
+        return DPMSolverState(jnp.asarray(sigmas), jnp.asarray(order), history)
 
     def scale_model_input(self, state: DPMSolverState, sample, step_index):
         """DPM-Solver feeds the sample to the UNet unscaled."""
