@@ -1,13 +1,16 @@
 """distrifusion-jax: DistriFusion (displaced patch parallelism) for Stable Diffusion XL in JAX/Flax."""
 
-from .config import UNetConfig, sd15, sd21, sdxl_base
+from .config import DistriConfig, UNetConfig, sd15, sd21, sdxl_base
 from .errors import CheckpointError, ConfigError, DistriFusionError
 from .models import UNet2DConditionModel
 from .weights import load_unet, save_unet_diffusers
 from .convert import convert_unet
+from .denoise import Denoiser, make_denoise_fn
+from .schedulers import make_scheduler, scheduler_from_config
 
 __all__ = [
-    "UNetConfig", "sdxl_base", "sd15", "sd21",
+    "DistriConfig", "UNetConfig", "sdxl_base", "sd15", "sd21",
     "DistriFusionError", "ConfigError", "CheckpointError",
     "UNet2DConditionModel", "load_unet", "save_unet_diffusers", "convert_unet",
+    "Denoiser", "make_denoise_fn", "make_scheduler", "scheduler_from_config",
 ]

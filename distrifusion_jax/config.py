@@ -223,3 +223,104 @@ def to_diffusers_dict(config: UNetConfig) -> dict:
     if d["num_attention_heads"] is None:
         del d["num_attention_heads"]
     return d
+
+
+PARALLELISMS = ("patch", "naive_patch")
+SPLIT_SCHEMES = ("row", "col", "alternate")
+MODES = ("corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "full_sync", "no_sync")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistriConfig:
+    """How one image is split across devices (names and defaults as in mit-han-lab/distrifuser).
+
+    height, width: image size in pixels (latents are 1/8 of it).
+    devices: the devices to use, or their number (the first N of `jax.devices()`); None: all.
+    do_classifier_free_guidance, split_batch: with guidance and an even number of devices >= 2,
+      the mesh gets a `cfg` axis of size 2 (one half per guidance branch).
+    warmup_steps: steps with index <= warmup_steps run synchronous patch parallelism (exact); a
+      warmup at least as long as the run makes the whole run synchronous.
+    mode: behaviour of displaced steps, one of MODES.
+    parallelism: "patch" (DistriFusion) or "naive_patch" (independent patches, no exchange), the
+      latter split by "row", "col" or "alternate" (rows on even steps, columns on odd).
+    One device means the plain single-device loop, whatever the other fields say.
+    Constructing it has no side effects: no devices are touched until `resolve_devices()`.
+    """
+
+    height: int = 1024
+    width: int = 1024
+    devices: Any = None
+    do_classifier_free_guidance: bool = True
+    split_batch: bool = True
+    warmup_steps: int = 4
+    mode: str = "corrected_async_gn"
+    parallelism: str = "patch"
+    split_scheme: str = "row"
+
+    def __post_init__(self):
+        for name, value, allowed in (("mode", self.mode, MODES), ("parallelism", self.parallelism, PARALLELISMS),
+                                     ("split_scheme", self.split_scheme, SPLIT_SCHEMES)):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}: use one of {_fmt_allowed(allowed)}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % 8:
+                raise ConfigError(f"{name}={v!r} must be a positive multiple of 8 (the VAE's downsampling)")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be an int >= 0")
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ConfigError(f"devices={self.devices} must be at least 1")
+        if isinstance(self.devices, list):
+            object.__setattr__(self, "devices", tuple(self.devices))
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // 8
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // 8
+
+    def resolve_devices(self) -> tuple:
+        """The devices to run on (checked against what JAX sees)."""
+        import jax
+
+        available = jax.devices()
+        if self.devices is None:
+            return tuple(available)
+        if isinstance(self.devices, int):
+            if self.devices > len(available):
+                raise ConfigError(f"devices={self.devices} but JAX sees {len(available)} "
+                                  f"({available[0].platform}); on a CPU host set "
+                                  f"jax.config.update('jax_num_cpu_devices', {self.devices}) before using JAX")
+            return tuple(available[: self.devices])
+        return tuple(self.devices)
+
+    def layout(self, n_devices: int) -> tuple[int, int]:
+        """(cfg axis size, patch axis size) for n devices, with a clear error where n does not fit."""
+        if n_devices == 1:
+            return 1, 1
+        if self.do_classifier_free_guidance and self.split_batch:
+            if n_devices % 2:
+                raise ConfigError(f"the CFG split needs an even number of devices, got {n_devices}: use an even "
+                                  "count or split_batch=False")
+            return 2, n_devices // 2
+        return 1, n_devices
+
+    def check_model(self, unet_config: UNetConfig, n_devices: int) -> None:
+        """Latent sizes must split into equal bands down to the lowest UNet resolution."""
+        _, patches = self.layout(n_devices)
+        if patches == 1:
+            return
+        f = 2 ** unet_config.num_downsamplers
+        checks = [("height", self.latent_height)]
+        if self.parallelism == "naive_patch" and self.split_scheme != "row":
+            checks.append(("width", self.latent_width))
+        for name, size in checks:
+            if size % (patches * f):
+                unit = 8 * patches * f
+                lo, hi = (8 * size) // unit * unit, ((8 * size) // unit + 1) * unit
+                raise ConfigError(
+                    f"{name}={8 * size} does not split into {patches} patches: the latent {name} {size} must be "
+                    f"divisible by {patches} x 2^{unet_config.num_downsamplers}; use a multiple of {unit} "
+                    f"(e.g. {lo or unit} or {hi}) or fewer devices")

@@ -77,3 +77,21 @@ def torch_unet(config: dict, seed: int = 0):
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+# The smallest SDXL-shaped UNet (DownBlock2D + cross-attention level, text_time): for the many
+# compilations of the patch-parallel tests, where per-level breadth matters less than compile time.
+SDXL_MICRO = {
+    "_class_name": "UNet2DConditionModel",
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "attention_head_dim": [1, 2],
+    "block_out_channels": [8, 16],
+    "cross_attention_dim": 8,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "projection_class_embeddings_input_dim": 8 + 3 * 4,
+    "transformer_layers_per_block": [1, 1],
+    "use_linear_projection": True,
+}

@@ -1,0 +1,168 @@
+"""The jitted denoising loop: single device, or displaced patch parallelism under `jax.shard_map`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from .config import DistriConfig
+from .parallel import CFG, PATCH, STALE, PatchPlan, make_mesh, vary
+from .parallel import collectives as C
+
+
+def guided(eps_uncond, eps_cond, scale):
+    """Classifier-free guidance in float32."""
+    u, c = eps_uncond.astype(jnp.float32), eps_cond.astype(jnp.float32)
+    return u + scale * (c - u)
+
+
+class Denoiser:
+    """The pieces of one denoising run on a mesh, shared by the loop, the tests and the reports.
+
+    Built once per (model, DistriConfig, scheduler, steps, guidance); `__call__` is jitted, so a
+    second call with the same shapes reuses the compiled program.
+    """
+
+    def __init__(self, unet, distri_config: DistriConfig, scheduler, num_inference_steps: int = 50,
+                 guidance_scale: float = 5.0):
+        self.unet, self.config, self.scheduler = unet, distri_config, scheduler
+        self.guidance_scale = float(guidance_scale)
+        self.cfg = distri_config.do_classifier_free_guidance
+        self.timesteps = jnp.asarray(scheduler.timesteps(num_inference_steps))
+        self.num_steps = int(self.timesteps.shape[0])
+        self.devices = distri_config.resolve_devices()
+        self.cfg_size, self.patches = distri_config.layout(len(self.devices))
+        distri_config.check_model(unet.config, len(self.devices))
+        # steps 0 .. warmup_steps are synchronous (the reference's `counter <= warmup_steps`)
+        self.num_sync = min(self.num_steps, distri_config.warmup_steps + 1)
+        self.mesh = make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 else None
+        self._jitted = jax.jit(self._run)
+
+    def __call__(self, params, latents, encoder_hidden_states, added_cond_kwargs=None):
+        """latents [B, h, w, C] (NHWC, as the scheduler expects them at the first step) -> final latents.
+
+        With guidance, encoder_hidden_states and added_cond_kwargs are batched [uncond; cond] (2B).
+        The result stays row-sharded over the mesh's patch axis.
+        """
+        self._check_inputs(latents, encoder_hidden_states)
+        return self._jitted(params, latents, encoder_hidden_states, added_cond_kwargs)
+
+    # ---- one noise prediction ----
+    def model(self, plan: Optional[PatchPlan]):
+        """The UNet with the leaf-layer plan of a step phase (None: plain, no exchange)."""
+        return self.unet.clone(parallel=plan)
+
+    def eps(self, unet, params, stale, x, t, ehs, added):
+        """Guided noise prediction for latents x (a band under shard_map) and the new stale state."""
+        variables = {"params": params}
+        if stale is not None:
+            variables[STALE] = stale
+
+        def apply(inp, e, a):
+            out, state = unet.apply(variables, inp, t, e, a, mutable=[STALE])
+            return out, (vary(state[STALE]) if STALE in state else None)
+
+        if not self.cfg:
+            return apply(x, ehs, added)
+        if self.cfg_size == 2:  # this device runs one branch on its band; the other half has the other
+            out, new = apply(x, ehs, added)
+            both = C.cfg_exchange(out, CFG)
+            return guided(both[0], both[1], self.guidance_scale), new
+        out, new = apply(jnp.concatenate([x, x]), ehs, added)
+        u, c = jnp.split(out, 2)
+        return guided(u, c, self.guidance_scale), new
+
+    # ---- the loop ----
+    def _loop(self, params, latents, ehs, added, step_fns):
+        """lax.scan over step indices for each (phase function, first, last) in step_fns."""
+        sched = self.scheduler
+        latents = latents.astype(jnp.float32)
+        carry = (latents, sched.init(self.num_steps, latents), None)
+        for fn, start, stop, stale_init in step_fns:
+            if stop <= start:
+                continue
+            lat, sstate, stale = carry
+            if stale is None and stale_init is not None:
+                stale = stale_init(params, lat, ehs, added)
+
+            def body(c, i, fn=fn):
+                lat, sstate, stale = c
+                x = sched.scale_model_input(sstate, lat, i)
+                eps, stale = fn(params, stale, x, self.timesteps[i], ehs, added, i)
+                lat, sstate = sched.step(sstate, eps, i, lat)
+                return (lat, sstate, stale), None
+
+            carry, _ = lax.scan(body, (lat, sstate, stale), jnp.arange(start, stop))
+        return carry[0]
+
+    def _run(self, params, latents, ehs, added):
+        if self.mesh is None:
+            unet = self.model(None)
+            fn = lambda p, s, x, t, e, a, i: (self.eps(unet, p, None, x, t, e, a)[0], None)
+            return self._loop(params, latents, ehs, added, [(fn, 0, self.num_steps, None)])
+        batch_spec = P(CFG) if self.cfg_size == 2 else P()
+        local = shard_map_fn(self._local, self.mesh,
+                             in_specs=(P(), P(None, PATCH), batch_spec, batch_spec), out_specs=P(None, PATCH))
+        return local(params, latents, ehs, added)
+
+    def _local(self, params, latents, ehs, added):
+        """The whole loop on one device's band (inside shard_map)."""
+        c = self.config
+        if c.parallelism == "naive_patch":
+            return self._loop(params, latents, ehs, added, [(self._naive_step, 0, self.num_steps, None)])
+        sync, displaced = self.model(PatchPlan("sync", c.mode)), self.model(PatchPlan("displaced", c.mode))
+        sync_fn = lambda p, s, x, t, e, a, i: self.eps(sync, p, s, x, t, e, a)
+        disp_fn = lambda p, s, x, t, e, a, i: self.eps(displaced, p, s, x, t, e, a)
+        stale_init = functools.partial(self.initial_stale, sync)
+        return self._loop(params, latents, ehs, added, [(sync_fn, 0, self.num_sync, stale_init),
+                                                        (disp_fn, self.num_sync, self.num_steps, stale_init)])
+
+    def initial_stale(self, sync_unet, params, lat, ehs, added):
+        """Zeros shaped like the stale state, from abstract evaluation of a synchronous step."""
+        t = self.timesteps[0]
+        shapes = jax.eval_shape(lambda: self.eps(sync_unet, params, None, lat, t, ehs, added)[1])
+        return vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    def _naive_step(self, params, stale, x, t, ehs, added, i):
+        """Independent patches: the plain UNet on this device's rows or columns, no exchange."""
+        unet = self.model(None)
+        rows = lambda: self.eps(unet, params, None, x, t, ehs, added)[0]
+        cols = lambda: C.cols_to_rows(self.eps(unet, params, None, C.rows_to_cols(x, PATCH), t, ehs, added)[0],
+                                      PATCH)
+        scheme = self.config.split_scheme
+        if scheme == "row":
+            return rows(), stale
+        if scheme == "col":
+            return cols(), stale
+        return lax.cond(i % 2 == 0, rows, cols), stale
+
+    def _check_inputs(self, latents, ehs):
+        from .errors import DistriFusionError
+
+        b, h, w = latents.shape[:3]
+        c = self.config
+        if (h, w) != (c.latent_height, c.latent_width):
+            raise DistriFusionError(f"latents are {h}x{w} but the DistriConfig is for {c.height}x{c.width} "
+                                    f"pixels (latents {c.latent_height}x{c.latent_width}): make them agree")
+        want = 2 * b if self.cfg else b
+        if ehs.shape[0] != want:
+            raise DistriFusionError(f"encoder_hidden_states has batch {ehs.shape[0]}, expected {want} "
+                                    + ("([uncond; cond] for guidance)" if self.cfg else ""))
+
+
+def shard_map_fn(fn: Callable, mesh, in_specs, out_specs) -> Callable:
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def make_denoise_fn(unet, distri_config: DistriConfig, scheduler, num_inference_steps: int = 50,
+                    guidance_scale: float = 5.0) -> Denoiser:
+    """`denoise(params, latents, encoder_hidden_states, added_cond_kwargs) -> latents`, jitted.
+
+    See `Denoiser.__call__` for the arguments; one compilation per input shape.
+    """
+    return Denoiser(unet, distri_config, scheduler, num_inference_steps, guidance_scale)

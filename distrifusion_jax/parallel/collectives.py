@@ -1,0 +1,110 @@
+"""Every collective of patch parallelism: small functions of local arrays and a mesh axis name.
+
+Shapes in comments are per device; P is the size of the axis, B the local batch. Called only inside
+`jax.shard_map`. GroupNorm statistics are float32 (mean, biased variance) pairs [..., 2].
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def halo_rows(x, pad: int, axis: str):
+    """The `pad` rows above and below this device's band, from its neighbours on `axis`.
+
+    x: [B, h, W, C] -> (top [B, pad, W, C], bottom [B, pad, W, C]).
+    Two non-cyclic ppermutes: each device sends its last rows down and its first rows up; the first
+    and last bands receive nothing, i.e. zeros, which is exactly the conv's zero padding at the
+    image border. Bytes sent per device: at most 2 * B * pad * W * C * itemsize (only to the two
+    neighbours; the reference all-gathers the rows to every device).
+    """
+    p = lax.axis_size(axis)
+    top = lax.ppermute(x[:, -pad:], axis, perm=[(i, i + 1) for i in range(p - 1)])
+    bottom = lax.ppermute(x[:, :pad], axis, perm=[(i + 1, i) for i in range(p - 1)])
+    return top, bottom
+
+
+def gather_tokens(x, axis: str):
+    """All bands' tokens in image order: x [B, T, N, Hd] -> [B, P * T, N, Hd] (an all_gather).
+
+    Band i holds rows i*h .. (i+1)*h - 1, whose row-major tokens are contiguous, so concatenating
+    the bands along tokens gives the whole image's row-major token order.
+    Bytes received per device: (P - 1) * B * T * N * Hd * itemsize.
+    """
+    return lax.all_gather(x, axis, axis=1, tiled=True)
+
+
+def replace_own_tokens(full, local, axis: str):
+    """full [B, P * T, ...] with this device's slice [B, T, ...] replaced by `local` (no communication)."""
+    start = lax.axis_index(axis) * local.shape[1]
+    return lax.dynamic_update_slice_in_dim(full, local.astype(full.dtype), start, axis=1)
+
+
+def gather_stats(stats, axis: str):
+    """Every band's GroupNorm statistics: stats [B, G, 2] -> [P, B, G, 2] (an all_gather, float32).
+
+    Bytes received per device: (P - 1) * B * G * 2 * 4.
+    """
+    return lax.all_gather(stats.astype(jnp.float32), axis)
+
+
+def combine_stats(gathered):
+    """Exact whole-image (mean, var) [B, G, 2] from equal bands' (mean, biased var) [P, B, G, 2].
+
+    var = mean_j v_j + mean_j (m_j - M)^2 (the parallel-variance formula), which is the biased
+    variance of the whole image, never negative, without E[x^2] - E[x]^2 cancellation.
+    """
+    m, v = gathered[..., 0], gathered[..., 1]
+    mean = m.mean(axis=0)
+    var = v.mean(axis=0) + jnp.square(m - mean).mean(axis=0)
+    return jnp.stack([mean, var], axis=-1)
+
+
+def stale_stats(stale, fresh, axis: str):
+    """`stale_gn`: the previous step's statistics of the other bands with this band's fresh ones.
+
+    stale [P, B, G, 2], fresh [B, G, 2] -> [B, G, 2]; var >= 0 by construction.
+    """
+    i = lax.axis_index(axis)
+    return combine_stats(lax.dynamic_update_index_in_dim(stale, fresh.astype(stale.dtype), i, axis=0))
+
+
+def corrected_stats(stale, fresh, axis: str):
+    """`corrected_async_gn` (paper section 4.2): stale global statistics plus this band's change.
+
+    In the reference's terms, with S_i = [m_i, E_i[x^2]] and B_j the stale S_j:
+    [M, Q] = mean_j B_j + (S_i - B_i), var = Q - M^2. Expanded around the stale mean mu this is
+      var = mean_j v~_j + mean_j (m~_j - mu)^2 + (v_i - v~_i) + 2 (m_i - m~_i)(m~_i - mu),
+    the same value without cancellation. Where it is negative (the band changed a lot since the last
+    step) this band's own variance v_i is used, so the result is never NaN.
+    stale [P, B, G, 2], fresh [B, G, 2] -> [B, G, 2].
+    """
+    i = lax.axis_index(axis)
+    own = lax.dynamic_index_in_dim(stale, i, axis=0, keepdims=False)
+    base = combine_stats(stale)
+    mu = base[..., 0]
+    dm = fresh[..., 0] - own[..., 0]
+    mean = mu + dm
+    var = base[..., 1] + (fresh[..., 1] - own[..., 1]) + 2.0 * dm * (own[..., 0] - mu)
+    var = jnp.where(var < 0, fresh[..., 1], var)
+    return jnp.stack([mean, var], axis=-1)
+
+
+def cfg_exchange(eps, axis: str):
+    """Both guidance branches' predictions on every device: eps [B, h, W, C] -> [2, B, h, W, C].
+
+    The result is the same on both halves of the `cfg` axis (typed invariant), so the guided latents
+    stay replicated over it. Bytes received per device: B * h * W * C * itemsize.
+    """
+    return lax.all_gather(eps, axis, axis=0, to="invarying")
+
+
+def rows_to_cols(x, axis: str):
+    """Row band [B, h/P, W, C] -> column strip [B, h, W/P, C] (an all_to_all, for naive col patches)."""
+    return lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
+
+
+def cols_to_rows(x, axis: str):
+    """Column strip [B, h, W/P, C] -> row band [B, h/P, W, C] (the inverse of `rows_to_cols`)."""
+    return lax.all_to_all(x, axis, split_axis=1, concat_axis=2, tiled=True)
