@@ -1,0 +1,197 @@
+"""The communication report: byte counts against a hand count of the tiny UNet's layers, FLOPs per device."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import distrifusion_jax as dj
+from distrifusion_jax.parallel import CFG, PATCH, PatchPlan
+from distrifusion_jax.parallel import report as R
+
+TINY = {
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 4, "attention_head_dim": [1, 2],
+    "block_out_channels": [8, 16], "cross_attention_dim": 8, "layers_per_block": 1, "norm_num_groups": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "projection_class_embeddings_input_dim": 20, "use_linear_projection": True,
+}
+HEIGHT, WIDTH = 128, 96  # latent 16 x 12: four bands of 4 rows, 2 rows at the lower level
+CONFIG = dj.UNetConfig.from_dict(TINY)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return R.abstract_model(CONFIG, "bfloat16")
+
+
+def hand_count(cfg: dict, h: int, w: int):
+    """The UNet's leaf layers from its config: 3x3 convs (input rows, W, C_in), self-attentions
+    (rows, W, inner), GroupNorm count; conv_in first. Written from diffusers' block structure."""
+    ch, levels = cfg["block_out_channels"], len(cfg["block_out_channels"])
+    convs, attns, gns = [(h, w, 4)], [], 0
+    skips, c = [ch[0]], ch[0]
+
+    def resnet(cin, cout, rows, cols):
+        nonlocal gns
+        gns += 2
+        convs.extend([(rows, cols, cin), (rows, cols, cout)])
+
+    def transformer(cout, rows, cols):
+        nonlocal gns
+        gns += 1
+        attns.append((rows, cols, cout))  # inner = heads * head_dim = channels
+
+    for i, kind in enumerate(cfg["down_block_types"]):
+        rows, cols = h >> i, w >> i
+        for _ in range(cfg["layers_per_block"]):
+            resnet(c, ch[i], rows, cols)
+            c = ch[i]
+            if kind == "CrossAttnDownBlock2D":
+                transformer(c, rows, cols)
+            skips.append(c)
+        if i < levels - 1:
+            convs.append((rows, cols, c))  # downsampler, stride 2: its input rows
+            skips.append(c)
+    rows, cols = h >> (levels - 1), w >> (levels - 1)
+    resnet(c, c, rows, cols)
+    transformer(c, rows, cols)
+    resnet(c, c, rows, cols)
+    for j, kind in enumerate(cfg["up_block_types"]):
+        level = levels - 1 - j
+        rows, cols = h >> level, w >> level
+        for _ in range(cfg["layers_per_block"] + 1):
+            resnet(c + skips.pop(), ch[level], rows, cols)
+            c = ch[level]
+            if kind == "CrossAttnUpBlock2D":
+                transformer(c, rows, cols)
+        if j < levels - 1:
+            convs.append((2 * rows, 2 * cols, c))  # upsampler: conv after nearest 2x
+    gns += 1  # conv_norm_out
+    convs.append((h, w, ch[0]))  # conv_out
+    return convs, attns, gns
+
+
+def expected(cfg: dict, h: int, w: int, n: int, split: bool, itemsize: int = 2):
+    """Bytes per displaced step of the busiest band (ours, the reference) and stale memory, by hand."""
+    convs, attns, gns = hand_count(cfg, h, w)
+    p = n // 2 if split else n
+    b = 1 if split else 2  # the UNet's batch on one device: one guidance branch, or both
+    groups = cfg["norm_num_groups"]
+    middle = min(p - 1, 2)  # ppermute partners of the busiest band
+    row_bytes = sum(cols * cin for _, cols, cin in convs[1:]) * b * itemsize  # one row of every conv but conv_in
+    conv_in_row = b * w * 4 * itemsize
+    kv_band = 2 * sum((rows // p) * cols * inner for rows, cols, inner in attns) * b * itemsize  # K and V
+    out_band = b * (h // p) * w * 4 * itemsize
+    ours = dict(halo=middle * (row_bytes + conv_in_row), kv=(p - 1) * kv_band,
+                gn=(p - 1) * gns * b * groups * 2 * 4, cfg=out_band if split else 0)
+    ours_stale = 2 * row_bytes + p * kv_band + gns * p * b * groups * 2 * 4
+    ref = dict(halo=(p - 1) * 2 * row_bytes, kv=(p - 1) * kv_band,
+               gn=(p - 1) * gns * b * groups * 2 * itemsize, cfg=(n - 1) * out_band)
+    ref_stale = p * (2 * row_bytes + kv_band + gns * b * groups * 2 * itemsize) if p > 1 else 0
+    return ours, ours_stale, ref, ref_stale
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("n", [2, 4])
+def test_bytes_match_hand_count(model, n, split):
+    unet, params = model
+    row = R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, n, split), unet, params, baseline=1.0)
+    ours, ours_stale, ref, ref_stale = expected(TINY, HEIGHT // 8, WIDTH // 8, n, split)
+    assert {k: row["ours"]["received"][k] for k in R.KINDS} == ours
+    assert row["ours"]["sent"] == row["ours"]["received"]
+    assert row["ours"]["stale_bytes"] == ours_stale
+    assert {k: row["reference"]["received"][k] for k in R.KINDS} == ref
+    assert row["reference"]["stale_bytes"] == ref_stale
+    assert row["collectives_match"]  # the same totals from the collectives of the traced program
+    assert row["layers_with_state"] == {"halo": 19, "kv": 8, "gn": 21}  # 20 convs less conv_in; 4 attn1 x (k, v)
+
+
+@pytest.mark.parametrize("n, split", [(4, True), (4, False), (8, False)])
+def test_flops_ratio_is_sane(model, n, split):
+    unet, params = model
+    row = R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, n, split), unet, params)
+    assert 1 / n <= row["flops_ratio"] < min(1.0, 2 / n)
+
+
+def test_float32_and_separate_gn(model):
+    """Item sizes follow the dtype; separate_gn exchanges no statistics (ours nor the reference's)."""
+    unet, params = R.abstract_model(CONFIG, "float32")
+    row = R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, 4, False, "float32", "separate_gn"), unet, params, baseline=1.0)
+    ours, _, ref, _ = expected(TINY, HEIGHT // 8, WIDTH // 8, 4, False, itemsize=4)
+    assert {k: row["ours"]["received"][k] for k in R.KINDS} == dict(ours, gn=0)
+    assert {k: row["reference"]["received"][k] for k in R.KINDS} == dict(ref, gn=0)
+    assert row["collectives_match"]
+
+
+def test_border_bands_exchange_less(model):
+    unet, params = model
+    row = R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, 4, False), unet, params, baseline=1.0)
+    first, second, third, last = row["ours"]["total_by_band"]
+    assert first == last < second == third == row["ours"]["received"]["total"]
+
+
+def test_indivisible_size_is_reported_not_raised(model):
+    unet, params = model
+    row = R.analyze(R.Case(CONFIG, 136, WIDTH, 4, False), unet, params, baseline=1.0)
+    assert "divisible" in row["error"]
+
+
+# ---- XLA's cost analysis of a shard_map'd program is per device ----
+def test_lowered_cost_analysis_is_per_device():
+    m, k, n = 64, 32, 16
+    mesh = Mesh(np.array(jax.devices()[:4]), (PATCH,))
+    f = lambda x, w: x @ w
+    sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(PATCH), P()), out_specs=P(PATCH)))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32))
+    per_device = 2 * (m // 4) * k * n
+    assert R.flops(jax.jit(f).lower(*args)) == 4 * per_device
+    assert R.flops(sharded.lower(*args)) == pytest.approx(per_device, abs=8)
+    assert R.flops(sharded.lower(*args).compile()) == pytest.approx(per_device, abs=8)
+
+
+def test_sharded_unet_flops_equal_unsharded_band(model):
+    """A plain UNet under shard_map on a quarter band costs what the UNet costs on an image that size."""
+    unet, params = model
+    case = R.Case(CONFIG, HEIGHT, WIDTH, 4, False)
+    d = R.make_denoiser(unet, case)
+    plain, t = d.model(None), d.timesteps[0]
+    fn = lambda p, x, e, a: d.eps(plain, p, None, x, t, e, a)[0]
+    sharded = jax.shard_map(fn, mesh=d.mesh, in_specs=(P(), P(None, PATCH), P(), P()), out_specs=P(None, PATCH))
+    whole = R.flops(jax.jit(sharded).lower(params, *R.abstract_inputs(case)))
+    band = R.Case(CONFIG, HEIGHT // 4, WIDTH, 1, False)
+    assert whole == pytest.approx(R.single_device_flops(unet, params, band), abs=8)
+
+
+def test_zero_initial_state_costs_like_a_state_input(model):
+    """`trace_displaced_step` lets Flax create the state; the FLOPs match a step that takes it as input."""
+    unet, params = model
+    case = R.Case(CONFIG, HEIGHT, WIDTH, 8, True)
+    d, inputs = R.make_denoiser(unet, case), R.abstract_inputs(case)
+    traced, _ = R.trace_displaced_step(d, params, inputs)
+    sync, disp = (d.model(PatchPlan(ph, case.mode)) for ph in ("sync", "displaced"))
+    t, batch, state = d.timesteps[0], P(CFG), P((CFG, PATCH))
+    init = jax.shard_map(lambda p, x, e, a: d.initial_stale(sync, p, x, e, a), mesh=d.mesh,
+                         in_specs=(P(), P(None, PATCH), batch, batch), out_specs=state)
+    stale = jax.eval_shape(init, params, *inputs)
+    step = jax.shard_map(lambda p, s, x, e, a: d.eps(disp, p, s, x, t, e, a), mesh=d.mesh,
+                         in_specs=(P(), state, P(None, PATCH), batch, batch), out_specs=(P(None, PATCH), state))
+    assert R.flops(traced.lower()) == R.flops(jax.jit(step).lower(params, stale, *inputs))
+
+
+def test_cli_tiny_writes_json(tmp_path, capsys):
+    path = Path(__file__).parents[1] / "examples" / "comm_report.py"
+    spec = importlib.util.spec_from_file_location("comm_report", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "r.json"
+    cli.main(["--tiny", "--sizes", "64", "--devices", "2", "4", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "ours (JAX)" in text and "distrifuser" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["devices"] for r in rows] == [2, 4] and all(r["collectives_match"] for r in rows)
