@@ -113,7 +113,7 @@ class Denoiser:
     def _local(self, params, latents, ehs, added):
         """The whole loop on one device's band (inside shard_map)."""
         c = self.config
-        if c.parallelism == "naive_patch":
+        if c.parallelism == "naive_patch" or self.patches == 1:  # one band per device group: nothing to exchange
             return self._loop(params, latents, ehs, added, [(self._naive_step, 0, self.num_steps, None)])
         sync, displaced = self.model(PatchPlan("sync", c.mode)), self.model(PatchPlan("displaced", c.mode))
         sync_fn = lambda p, s, x, t, e, a, i: self.eps(sync, p, s, x, t, e, a)
