@@ -1,27 +1,20 @@
-"""Checkpoint loading without torch: diffusers-format or converted safetensors -> Flax parameters.
-
-Nothing here ever unpickles: `.bin`, `.ckpt` and `.pt` files are refused.
-"""
+"""Finding, checking and reading safetensors checkpoints without torch; nothing is ever unpickled."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from . import keymap
-from .config import UNetConfig, to_diffusers_dict
-from .errors import CheckpointError
-from .models import UNet2DConditionModel
+from ..errors import CheckpointError
 
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # diffusers models; transformers models use "model"
 CONVERTED_WEIGHTS = "flax_params.safetensors"  # written by our converter, keyed by Flax paths
 VARIANTS = (None, "fp16", "bf16")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -118,62 +111,38 @@ def check_keys(expected: dict[str, tuple], found: dict[str, tuple], source: str)
             [fmt("missing", missing), fmt("unexpected", unexpected), fmt("shape mismatches", mismatched)]))
 
 
-# ---- the UNet ----
-def read_unet_params(path, dtype=np.float32, variant: Optional[str] = None, progress=None):
-    """(UNetConfig, flat {Flax path: numpy array in `dtype`}) from a diffusers or converted UNet folder."""
-    folder = _check_folder(path)
-    config = UNetConfig.from_json(folder / "config.json")
+
+def read_params(folder: Path, expected: dict, stem: str, dtype, variant: Optional[str] = None,
+                key_map: Optional[Callable] = None, progress=None) -> dict:
+    """Flat {Flax path: numpy array in dtype} for a model whose abstract parameters are `expected`
+    ({path: shape}), from our converted file if present, else the `stem` safetensors of `folder`.
+
+    `key_map(key, shape) -> (path, shape, permutation)` maps checkpoint keys (default: the rule table).
+    Fails before reading any tensor data if keys or shapes do not match.
+    """
+    from .. import keymap
+
+    key_map = key_map or keymap.torch_to_flax
     dt = resolve_dtype(dtype)
-    expected = {k: tuple(v.shape) for k, v in keymap.flatten(UNet2DConditionModel(config).abstract_params()).items()}
     converted = (folder / CONVERTED_WEIGHTS).is_file()
-    files = [folder / CONVERTED_WEIGHTS] if converted else find_weight_files(folder, variant=variant)
+    files = [folder / CONVERTED_WEIGHTS] if converted else find_weight_files(folder, stem, variant)
     shapes = read_shapes(files)
-    plan = {k: (k, s, None) for k, s in shapes.items()} if converted else {
-        k: keymap.torch_to_flax(k, s) for k, s in shapes.items()}
+    plan = {k: (k, s, None) for k, s in shapes.items()} if converted else {k: key_map(k, s) for k, s in shapes.items()}
     check_keys(expected, {p: s for p, s, _ in plan.values()}, f"{files[0].parent}")
     flat = {}
     tensors = read_safetensors(files)
     if progress is not None:
         tensors = progress(tensors, total=len(shapes))
     for key, array in tensors:
-        path_, _, perm = plan[key]
+        path, _, perm = plan[key]
         if perm:
             array = array.transpose(perm)
-        flat[path_] = np.ascontiguousarray(array.astype(dt))
-    return config, flat
+        flat[path] = np.ascontiguousarray(array.astype(dt))
+    return flat
 
 
-def load_unet(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype=None,
-              attention_impl: Optional[str] = None):
-    """Load a UNet from a diffusers folder (`config.json` + `diffusion_pytorch_model[.fp16|.bf16].safetensors`
-    or shards with an index) or from a folder written by `distrifusion-jax convert`.
-
-    Returns `(unet, params)`: a `UNet2DConditionModel` computing in `dtype` and its parameters, cast to
-    `param_dtype` (default: `dtype`), as a nested dict of jax arrays.
-    """
-    param_dtype = dtype if param_dtype is None else param_dtype
-    config, flat = read_unet_params(path, param_dtype, variant)
-    unet = UNet2DConditionModel(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype),
-                                attention_impl=attention_impl)
-    return unet, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-
-
-def save_unet_diffusers(folder, config: UNetConfig, params, dtype=np.float32) -> Path:
-    """Write params as a diffusers UNet folder (torch layout and key names) that diffusers can load."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    dt = resolve_dtype(dtype)
-    tensors = {}
-    for path, value in keymap.flatten(params).items():
-        key, _, perm = keymap.flax_to_torch(path, tuple(value.shape))
-        array = np.asarray(value).astype(dt)
-        tensors[key] = np.ascontiguousarray(array.transpose(perm) if perm else array)
-    save_file(tensors, str(folder / f"{DIFFUSERS_WEIGHTS}.safetensors"))
-    (folder / "config.json").write_text(json.dumps(to_diffusers_dict(config), indent=2))
-    return folder
-
-
-def _check_folder(path) -> Path:
+def check_folder(path, what: str = "UNet") -> Path:
+    """The model folder `path` as a Path, with a one-line error if it is missing, a file or has no config."""
     folder = Path(os.fspath(path)).expanduser()
     if folder.is_file():
         if folder.suffix in PICKLE_SUFFIXES:
@@ -186,6 +155,6 @@ def _check_folder(path) -> Path:
     if not (folder / "config.json").is_file():
         if not any(folder.glob("*.safetensors")):
             _refuse_pickles(folder)
-        raise CheckpointError(f"{folder}: no config.json; pass a diffusers UNet folder (e.g. <pipeline>/unet) or "
-                              "one written by `distrifusion-jax convert`")
+        raise CheckpointError(f"{folder}: no config.json; pass a diffusers {what} folder (e.g. "
+                              f"<pipeline>/{what.lower()}) or one written by `distrifusion-jax convert`")
     return folder
