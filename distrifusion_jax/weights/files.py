@@ -43,7 +43,8 @@ def _refuse_pickles(folder: Path) -> None:
                               "save_pretrained(..., safe_serialization=True))")
 
 
-def find_weight_files(folder: Path, stem: str = DIFFUSERS_WEIGHTS, variant: Optional[str] = None) -> list[Path]:
+def find_weight_files(folder: Path, stem: str = DIFFUSERS_WEIGHTS, variant: Optional[str] = None,
+                      what: str = "diffusers UNet") -> list[Path]:
     """The safetensors files of a diffusers component folder: single file or shards listed in an index.
 
     Without `variant`, full precision is preferred, then the fp16 and bf16 variants.
@@ -67,7 +68,7 @@ def find_weight_files(folder: Path, stem: str = DIFFUSERS_WEIGHTS, variant: Opti
             return [folder / name]
     _refuse_pickles(folder)
     wanted = f"{stem}{'.' + variant if variant else ''}.safetensors"
-    raise CheckpointError(f"{folder}: no {wanted} (or sharded index) found; point to a diffusers UNet folder "
+    raise CheckpointError(f"{folder}: no {wanted} (or sharded index) found; point to a {what} folder "
                           "or one written by `distrifusion-jax convert`")
 
 
@@ -113,11 +114,12 @@ def check_keys(expected: dict[str, tuple], found: dict[str, tuple], source: str)
 
 
 def read_params(folder: Path, expected: dict, stem: str, dtype, variant: Optional[str] = None,
-                key_map: Optional[Callable] = None, progress=None) -> dict:
+                key_map: Optional[Callable] = None, progress=None, what: str = "diffusers UNet") -> dict:
     """Flat {Flax path: numpy array in dtype} for a model whose abstract parameters are `expected`
     ({path: shape}), from our converted file if present, else the `stem` safetensors of `folder`.
 
-    `key_map(key, shape) -> (path, shape, permutation)` maps checkpoint keys (default: the rule table).
+    `key_map(key, shape) -> (path, shape, permutation)` maps checkpoint keys (default: the rule table);
+    it returns None for entries that are not parameters (buffers), which are skipped.
     Fails before reading any tensor data if keys or shapes do not match.
     """
     from .. import keymap
@@ -125,15 +127,18 @@ def read_params(folder: Path, expected: dict, stem: str, dtype, variant: Optiona
     key_map = key_map or keymap.torch_to_flax
     dt = resolve_dtype(dtype)
     converted = (folder / CONVERTED_WEIGHTS).is_file()
-    files = [folder / CONVERTED_WEIGHTS] if converted else find_weight_files(folder, stem, variant)
+    files = [folder / CONVERTED_WEIGHTS] if converted else find_weight_files(folder, stem, variant, what)
     shapes = read_shapes(files)
     plan = {k: (k, s, None) for k, s in shapes.items()} if converted else {k: key_map(k, s) for k, s in shapes.items()}
+    plan = {k: v for k, v in plan.items() if v is not None}
     check_keys(expected, {p: s for p, s, _ in plan.values()}, f"{files[0].parent}")
     flat = {}
     tensors = read_safetensors(files)
     if progress is not None:
         tensors = progress(tensors, total=len(shapes))
     for key, array in tensors:
+        if key not in plan:
+            continue
         path, _, perm = plan[key]
         if perm:
             array = array.transpose(perm)

@@ -1,0 +1,83 @@
+"""CLIP text encoders' weights: transformers or converted folders -> (model, params), and conversion."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax.numpy as jnp
+from safetensors.numpy import save_file
+
+from .. import keymap
+from ..models.clip import CLIPTextConfig, read_json, text_encoder_class
+from .files import CONVERTED_WEIGHTS, check_folder, read_params, resolve_dtype
+
+TRANSFORMERS_WEIGHTS = "model"  # model.safetensors, model.fp16.safetensors, model.safetensors.index.json
+
+
+def text_encoder_key_map(key: str, shape: tuple):
+    """(transformers key, shape) -> (Flax path, Flax shape, permutation), or None for buffers, for `read_params`.
+
+    transformers >= 5 saves `CLIPTextModel` without the `text_model.` prefix that older checkpoints
+    (the SDXL repository's among them) and `CLIPTextModelWithProjection` carry: both load the same.
+    """
+    if keymap.is_ignored(key):
+        return None
+    if not key.startswith(("text_model.", "text_projection.")):
+        key = "text_model." + key
+    return keymap.torch_to_flax(key, shape)
+
+
+def read_text_encoder_params(path, dtype=jnp.float32, variant: Optional[str] = None, progress=None):
+    """(Flax model class, CLIPTextConfig, flat {Flax path: numpy array in `dtype`}) from a text encoder folder."""
+    folder = check_folder(path, "text_encoder")
+    raw = read_json(folder / "config.json")
+    cls, config = text_encoder_class(raw), CLIPTextConfig.from_dict(raw)
+    expected = {k: tuple(v.shape) for k, v in keymap.flatten(cls(config).abstract_params()).items()}
+    flat = read_params(folder, expected, TRANSFORMERS_WEIGHTS, dtype, variant, key_map=text_encoder_key_map,
+                       progress=progress, what="transformers text encoder (e.g. <pipeline>/text_encoder_2)")
+    return cls, config, flat
+
+
+def load_text_encoder(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype=None):
+    """Load a CLIP text encoder from a transformers folder (`config.json` + `model[.fp16].safetensors` or
+    shards with an index) or from a folder written by `convert_text_encoder`.
+
+    The class follows `architectures` in config.json: `CLIPTextModel` (SDXL's text_encoder) or
+    `CLIPTextModelWithProjection` (text_encoder_2). Returns `(model, params)`: the Flax model computing
+    in `dtype` and its parameters, cast to `param_dtype` (default: `dtype`), as a nested dict of jax arrays.
+    """
+    param_dtype = dtype if param_dtype is None else param_dtype
+    cls, config, flat = read_text_encoder_params(path, param_dtype, variant)
+    model = cls(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype))
+    return model, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def convert_text_encoder(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True) -> Path:
+    """Convert a transformers text encoder folder `src` into `dst` (config.json + flax_params.safetensors).
+
+    `load_text_encoder(dst)` then gives exactly the parameters `load_text_encoder(src)` gives (cast to `dtype`).
+    """
+    from ..convert import FORMAT_VERSION  # not at import time: convert imports the weights package
+
+    dt = resolve_dtype(dtype)
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = lambda it, total: tqdm(it, total=total, desc="converting text encoder", unit="tensor", file=sys.stderr)
+    cls, config, flat = read_text_encoder_params(src, dt, variant, progress=bar)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(dst / CONVERTED_WEIGHTS), metadata={"format": "distrifusion-jax", "dtype": dt.name})
+    meta = dict(config.to_dict(), architectures=[cls.__name__])
+    meta["_distrifusion_jax"] = {"format_version": FORMAT_VERSION, "dtype": dt.name, "source": str(src)}
+    (dst / "config.json").write_text(json.dumps(meta, indent=2))
+    if progress:
+        n = sum(v.size for v in flat.values())
+        print(f"converted {len(flat)} tensors ({n:,} parameters, {dt.name}) from {src} to {dst} "
+              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return dst
