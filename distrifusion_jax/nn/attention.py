@@ -23,6 +23,7 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
     implementation: Optional[str] = None
     parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
+    qkv_bias: bool = False  # biases on to_q/to_k/to_v: the VAE's attention has them, the UNet's does not
 
     @nn.compact
     def __call__(self, x, context=None):  # x: [B, T, D], context: [B, S, Dc] or None
@@ -30,9 +31,9 @@ class Attention(nn.Module):
         dense = lambda feats, name, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype,
                                                    param_dtype=self.param_dtype, name=name)
         src = x if context is None else context
-        q = dense(inner, "to_q", False)(x)
-        k = dense(inner, "to_k", False)(src)
-        v = dense(inner, "to_v", False)(src)
+        q = dense(inner, "to_q", self.qkv_bias)(x)
+        k = dense(inner, "to_k", self.qkv_bias)(src)
+        v = dense(inner, "to_v", self.qkv_bias)(src)
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))  # [B, T, N, Hd]
         q, k, v = split(q), split(k), split(v)
         if context is None:
