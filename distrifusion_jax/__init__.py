@@ -6,6 +6,7 @@ from .models import UNet2DConditionModel
 from .weights import convert_text_encoder, convert_vae, load_text_encoder, load_unet, load_vae, save_unet_diffusers
 from .convert import convert_unet
 from .denoise import Denoiser, make_denoise_fn
+from .pipeline import DistriSDXLPipeline
 from .schedulers import make_scheduler, scheduler_from_config
 
 __all__ = [
@@ -13,5 +14,5 @@ __all__ = [
     "DistriFusionError", "ConfigError", "CheckpointError",
     "UNet2DConditionModel", "load_unet", "save_unet_diffusers", "convert_unet",
     "load_text_encoder", "convert_text_encoder", "load_vae", "convert_vae",
-    "Denoiser", "make_denoise_fn", "make_scheduler", "scheduler_from_config",
+    "Denoiser", "make_denoise_fn", "DistriSDXLPipeline", "make_scheduler", "scheduler_from_config",
 ]

@@ -15,10 +15,18 @@ from .parallel import CFG, PATCH, STALE, PatchPlan, make_mesh, vary
 from .parallel import collectives as C
 
 
-def guided(eps_uncond, eps_cond, scale):
-    """Classifier-free guidance in float32."""
+def guided(eps_uncond, eps_cond, scale, rescale: float = 0.0, axis=None):
+    """Classifier-free guidance in float32, with diffusers' optional `guidance_rescale`.
+
+    Rescaling (Lin et al. 2023, section 3.4) matches the guided prediction's per-sample standard
+    deviation to the conditional one's; on a band the statistics come from the whole image (`axis`).
+    """
     u, c = eps_uncond.astype(jnp.float32), eps_cond.astype(jnp.float32)
-    return u + scale * (c - u)
+    out = u + scale * (c - u)
+    if rescale:
+        ratio = C.sample_std(c, axis) / C.sample_std(out, axis)
+        out = rescale * out * ratio + (1.0 - rescale) * out
+    return out
 
 
 class Denoiser:
@@ -29,9 +37,10 @@ class Denoiser:
     """
 
     def __init__(self, unet, distri_config: DistriConfig, scheduler, num_inference_steps: int = 50,
-                 guidance_scale: float = 5.0):
+                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, progress=None):
         self.unet, self.config, self.scheduler = unet, distri_config, scheduler
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = float(guidance_scale)  # default; each call may pass another (traced)
+        self.guidance_rescale = float(guidance_rescale)  # static: 0 compiles no rescaling
         self.cfg = distri_config.do_classifier_free_guidance
         self.timesteps = jnp.asarray(scheduler.timesteps(num_inference_steps))
         self.num_steps = int(self.timesteps.shape[0])
@@ -41,24 +50,45 @@ class Denoiser:
         # steps 0 .. warmup_steps are synchronous (the reference's `counter <= warmup_steps`)
         self.num_sync = min(self.num_steps, distri_config.warmup_steps + 1)
         self.mesh = make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 else None
+        # progress(i, n) is called from the host as steps finish; with None no callback is compiled in
+        self.progress = progress
+        self._report = progress is not None
+        self._done = -1
         self._jitted = jax.jit(self._run)
 
-    def __call__(self, params, latents, encoder_hidden_states, added_cond_kwargs=None):
+    @property
+    def compiled(self) -> bool:
+        """Whether a program has been compiled already (a later call with the same shapes reuses it)."""
+        return self._jitted._cache_size() > 0
+
+    def _tick(self, i):
+        i = int(i)
+        if i > self._done:  # under shard_map every device reports each step: count it once
+            self._done = i
+            if self.progress is not None:
+                self.progress(i + 1, self.num_steps)
+
+    def __call__(self, params, latents, encoder_hidden_states, added_cond_kwargs=None, guidance_scale=None):
         """latents [B, h, w, C] (NHWC, as the scheduler expects them at the first step) -> final latents.
 
         With guidance, encoder_hidden_states and added_cond_kwargs are batched [uncond; cond] (2B).
-        The result stays row-sharded over the mesh's patch axis.
+        `guidance_scale` overrides the default without recompiling. The result stays row-sharded
+        over the mesh's patch axis.
         """
         self._check_inputs(latents, encoder_hidden_states)
-        return self._jitted(params, latents, encoder_hidden_states, added_cond_kwargs)
+        self._done = -1
+        scale = jnp.float32(self.guidance_scale if guidance_scale is None else guidance_scale)
+        return self._jitted(params, latents, encoder_hidden_states, added_cond_kwargs, scale)
 
     # ---- one noise prediction ----
     def model(self, plan: Optional[PatchPlan]):
         """The UNet with the leaf-layer plan of a step phase (None: plain, no exchange)."""
         return self.unet.clone(parallel=plan)
 
-    def eps(self, unet, params, stale, x, t, ehs, added):
+    def eps(self, unet, params, stale, x, t, ehs, added, scale=None):
         """Guided noise prediction for latents x (a band under shard_map) and the new stale state."""
+        scale = self.guidance_scale if scale is None else scale
+        axis = PATCH if self.mesh is not None else None
         variables = {"params": params}
         if stale is not None:
             variables[STALE] = stale
@@ -72,13 +102,13 @@ class Denoiser:
         if self.cfg_size == 2:  # this device runs one branch on its band; the other half has the other
             out, new = apply(x, ehs, added)
             both = C.cfg_exchange(out, CFG)
-            return guided(both[0], both[1], self.guidance_scale), new
+            return guided(both[0], both[1], scale, self.guidance_rescale, axis), new
         out, new = apply(jnp.concatenate([x, x]), ehs, added)
         u, c = jnp.split(out, 2)
-        return guided(u, c, self.guidance_scale), new
+        return guided(u, c, scale, self.guidance_rescale, axis), new
 
     # ---- the loop ----
-    def _loop(self, params, latents, ehs, added, step_fns):
+    def _loop(self, params, latents, ehs, added, scale, step_fns):
         """lax.scan over step indices for each (phase function, first, last) in step_fns."""
         sched = self.scheduler
         latents = latents.astype(jnp.float32)
@@ -93,34 +123,36 @@ class Denoiser:
             def body(c, i, fn=fn):
                 lat, sstate, stale = c
                 x = sched.scale_model_input(sstate, lat, i)
-                eps, stale = fn(params, stale, x, self.timesteps[i], ehs, added, i)
+                eps, stale = fn(params, stale, x, self.timesteps[i], ehs, added, i, scale)
                 lat, sstate = sched.step(sstate, eps, i, lat)
+                if self._report:
+                    jax.debug.callback(self._tick, i, ordered=False)
                 return (lat, sstate, stale), None
 
             carry, _ = lax.scan(body, (lat, sstate, stale), jnp.arange(start, stop))
         return carry[0]
 
-    def _run(self, params, latents, ehs, added):
+    def _run(self, params, latents, ehs, added, scale):
         if self.mesh is None:
             unet = self.model(None)
-            fn = lambda p, s, x, t, e, a, i: (self.eps(unet, p, None, x, t, e, a)[0], None)
-            return self._loop(params, latents, ehs, added, [(fn, 0, self.num_steps, None)])
+            fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
+            return self._loop(params, latents, ehs, added, scale, [(fn, 0, self.num_steps, None)])
         batch_spec = P(CFG) if self.cfg_size == 2 else P()
-        local = shard_map_fn(self._local, self.mesh,
-                             in_specs=(P(), P(None, PATCH), batch_spec, batch_spec), out_specs=P(None, PATCH))
-        return local(params, latents, ehs, added)
+        local = shard_map_fn(self._local, self.mesh, in_specs=(P(), P(None, PATCH), batch_spec, batch_spec, P()),
+                             out_specs=P(None, PATCH))
+        return local(params, latents, ehs, added, scale)
 
-    def _local(self, params, latents, ehs, added):
+    def _local(self, params, latents, ehs, added, scale):
         """The whole loop on one device's band (inside shard_map)."""
         c = self.config
         if c.parallelism == "naive_patch" or self.patches == 1:  # one band per device group: nothing to exchange
-            return self._loop(params, latents, ehs, added, [(self._naive_step, 0, self.num_steps, None)])
+            return self._loop(params, latents, ehs, added, scale, [(self._naive_step, 0, self.num_steps, None)])
         sync, displaced = self.model(PatchPlan("sync", c.mode)), self.model(PatchPlan("displaced", c.mode))
-        sync_fn = lambda p, s, x, t, e, a, i: self.eps(sync, p, s, x, t, e, a)
-        disp_fn = lambda p, s, x, t, e, a, i: self.eps(displaced, p, s, x, t, e, a)
+        sync_fn = lambda p, s, x, t, e, a, i, g: self.eps(sync, p, s, x, t, e, a, g)
+        disp_fn = lambda p, s, x, t, e, a, i, g: self.eps(displaced, p, s, x, t, e, a, g)
         stale_init = functools.partial(self.initial_stale, sync)
-        return self._loop(params, latents, ehs, added, [(sync_fn, 0, self.num_sync, stale_init),
-                                                        (disp_fn, self.num_sync, self.num_steps, stale_init)])
+        return self._loop(params, latents, ehs, added, scale, [(sync_fn, 0, self.num_sync, stale_init),
+                                                               (disp_fn, self.num_sync, self.num_steps, stale_init)])
 
     def initial_stale(self, sync_unet, params, lat, ehs, added):
         """Zeros shaped like the stale state, from abstract evaluation of a synchronous step."""
@@ -128,12 +160,12 @@ class Denoiser:
         shapes = jax.eval_shape(lambda: self.eps(sync_unet, params, None, lat, t, ehs, added)[1])
         return vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
-    def _naive_step(self, params, stale, x, t, ehs, added, i):
+    def _naive_step(self, params, stale, x, t, ehs, added, i, scale):
         """Independent patches: the plain UNet on this device's rows or columns, no exchange."""
         unet = self.model(None)
-        rows = lambda: self.eps(unet, params, None, x, t, ehs, added)[0]
-        cols = lambda: C.cols_to_rows(self.eps(unet, params, None, C.rows_to_cols(x, PATCH), t, ehs, added)[0],
-                                      PATCH)
+        rows = lambda: self.eps(unet, params, None, x, t, ehs, added, scale)[0]
+        cols = lambda: C.cols_to_rows(self.eps(unet, params, None, C.rows_to_cols(x, PATCH), t, ehs, added,
+                                               scale)[0], PATCH)
         scheme = self.config.split_scheme
         if scheme == "row":
             return rows(), stale
@@ -160,9 +192,9 @@ def shard_map_fn(fn: Callable, mesh, in_specs, out_specs) -> Callable:
 
 
 def make_denoise_fn(unet, distri_config: DistriConfig, scheduler, num_inference_steps: int = 50,
-                    guidance_scale: float = 5.0) -> Denoiser:
+                    guidance_scale: float = 5.0, guidance_rescale: float = 0.0) -> Denoiser:
     """`denoise(params, latents, encoder_hidden_states, added_cond_kwargs) -> latents`, jitted.
 
     See `Denoiser.__call__` for the arguments; one compilation per input shape.
     """
-    return Denoiser(unet, distri_config, scheduler, num_inference_steps, guidance_scale)
+    return Denoiser(unet, distri_config, scheduler, num_inference_steps, guidance_scale, guidance_rescale)

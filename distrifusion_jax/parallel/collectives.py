@@ -100,6 +100,23 @@ def cfg_exchange(eps, axis: str):
     return lax.all_gather(eps, axis, axis=0, to="invarying")
 
 
+def sample_std(x, axis=None):
+    """Per-sample unbiased standard deviation over all but the batch axis, of the whole image.
+
+    x: [B, h, W, C] (a band when `axis` is the patch axis) -> [B, 1, 1, 1], float32. One psum of
+    two numbers per sample (8 B * 2 bytes) over the bands; None: x is the whole image.
+    """
+    x = x.astype(jnp.float32)
+    reduce = tuple(range(1, x.ndim))
+    moments = jnp.stack([x.sum(reduce), jnp.square(x).sum(reduce)], axis=-1)  # [B, 2]
+    n = x[0].size
+    if axis is not None:
+        moments, n = lax.psum(moments, axis), n * lax.axis_size(axis)
+    mean = moments[:, 0] / n
+    var = jnp.maximum(moments[:, 1] - n * jnp.square(mean), 0.0) / (n - 1)
+    return jnp.sqrt(var).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 def rows_to_cols(x, axis: str):
     """Row band [B, h/P, W, C] -> column strip [B, h, W/P, C] (an all_to_all, for naive col patches)."""
     return lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)

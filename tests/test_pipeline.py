@@ -1,0 +1,92 @@
+"""End to end: our DistriSDXLPipeline equals diffusers' StableDiffusionXLPipeline on a tiny checkpoint."""
+
+from importlib import resources
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import distrifusion_jax as dj
+from distrifusion_jax.pipeline import DistriSDXLPipeline
+
+HEIGHT, WIDTH = 128, 192
+PSNR_MIN = 40.0  # dB, float32
+
+
+def psnr(a, b) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def tiny_sdxl(folder):
+    """A tiny random SDXL pipeline built with diffusers/transformers and saved with save_pretrained."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tok_dir = str(resources.files("distrifusion_jax").joinpath("assets/clip-tokenizer"))
+    text = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=16, intermediate_size=32,
+                num_hidden_layers=2, num_attention_heads=2, eos_token_id=2, bos_token_id=0, pad_token_id=1)
+    enc1 = CLIPTextModel(CLIPTextConfig(**text, hidden_act="quick_gelu"))
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, hidden_act="gelu", projection_dim=16))
+    unet = UNet2DConditionModel(
+        sample_size=16, addition_embed_type="text_time", addition_time_embed_dim=4, attention_head_dim=[1, 2],
+        block_out_channels=[8, 16], cross_attention_dim=32, layers_per_block=1, norm_num_groups=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        projection_class_embeddings_input_dim=16 + 6 * 4, transformer_layers_per_block=[1, 1],
+        use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=[8, 8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, scaling_factor=0.13025, force_upcast=True)
+    with torch.no_grad():
+        for model in (enc1, enc2, unet, vae):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05 + 0.01)
+    import json
+
+    sched_cfg = json.loads(resources.files("distrifusion_jax").joinpath(
+        "configs/sdxl-base-1.0/scheduler/scheduler_config.json").read_text())
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=enc1.eval(), text_encoder_2=enc2.eval(), unet=unet.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir), tokenizer_2=CLIPTokenizer.from_pretrained(tok_dir, pad_token="!"),
+        scheduler=EulerDiscreteScheduler.from_config(sched_cfg))
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    return folder, tiny_sdxl(folder)
+
+
+def reference(pipe, scheduler: str, latents, steps=4, **kw):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm-solver": DPMSolverMultistepScheduler}
+    pipe.scheduler = cls[scheduler].from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        return pipe(prompt="a red cube on a table", negative_prompt="blurry", height=HEIGHT, width=WIDTH,
+                    num_inference_steps=steps, guidance_scale=5.0, latents=torch.from_numpy(latents),
+                    output_type="np", **kw).images
+
+
+@pytest.fixture(scope="module")
+def latents():
+    return np.random.default_rng(0).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("devices, mode", [(1, "full_sync"), (8, "full_sync")])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm-solver"])
+def test_images_equal_diffusers(checkpoint, latents, scheduler, devices, mode):
+    folder, pipe = checkpoint
+    ref = reference(pipe, scheduler, latents)
+    ours = DistriSDXLPipeline.from_pretrained(folder, dj.DistriConfig(HEIGHT, WIDTH, devices=devices, mode=mode),
+                                              dtype=jnp.float32)
+    out = ours("a red cube on a table", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
+               latents=latents, output_type="np", scheduler=scheduler)
+    value = psnr(out.images, ref)
+    print(f"{scheduler}, {devices} device(s) {mode}: PSNR {value:.1f} dB")
+    assert out.images.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
+    assert value >= PSNR_MIN
