@@ -157,3 +157,15 @@ def test_rows_to_cols_round_trip(n):
     np.testing.assert_array_equal(np.asarray(cols), x)  # as a global array: the same image, column-sharded
     back = bands(lambda b: C.cols_to_rows(C.rows_to_cols(b, PATCH), PATCH), mesh(n), x)
     np.testing.assert_array_equal(np.asarray(back), x)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_sample_std_is_the_whole_image_unbiased_std(n):
+    x = (2.0 + np.random.default_rng(6).standard_normal((2, 8, 6, 4)) * 3).astype(np.float32)
+    expected = x.reshape(2, -1).std(axis=1, ddof=1)
+    if n == 1:
+        out = np.asarray(C.sample_std(jnp.asarray(x)))
+    else:
+        out = np.asarray(bands(lambda b: C.sample_std(b, PATCH)[:, :, None], mesh(n), x,
+                               out_spec=P(None, None, PATCH)))[:, 0, 0, 0]
+    np.testing.assert_allclose(out.reshape(-1), expected, rtol=1e-5)

@@ -90,3 +90,63 @@ def test_images_equal_diffusers(checkpoint, latents, scheduler, devices, mode):
     print(f"{scheduler}, {devices} device(s) {mode}: PSNR {value:.1f} dB")
     assert out.images.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
     assert value >= PSNR_MIN
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_batch_rescale_micro_conditioning_equal_diffusers(checkpoint, devices):
+    """Two prompts, no negative prompt (zeros, as SDXL forces), guidance_rescale, custom size conditioning."""
+    folder, pipe = checkpoint
+    lat = np.random.default_rng(1).standard_normal((2, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    kw = dict(guidance_rescale=0.5, original_size=(512, 768), target_size=(128, 192), crops_coords_top_left=(8, 0))
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        ref = pipe(prompt=["a red cube", "a green sphere"], height=HEIGHT, width=WIDTH, num_inference_steps=3,
+                   guidance_scale=6.0, latents=torch.from_numpy(lat), output_type="np", **kw).images
+    ours = DistriSDXLPipeline.from_pretrained(folder, dj.DistriConfig(HEIGHT, WIDTH, devices=devices, mode="full_sync"),
+                                              dtype=jnp.float32)
+    out = ours(["a red cube", "a green sphere"], num_inference_steps=3, guidance_scale=6.0, latents=lat,
+               output_type="np", **kw)
+    value = psnr(out.images, ref)
+    print(f"batch of 2, guidance_rescale 0.5, {devices} device(s): PSNR {value:.1f} dB")
+    assert value >= PSNR_MIN
+    assert psnr(out.images[0], out.images[1]) < 30  # two prompts, two different images
+
+
+def test_displaced_pipeline_reuses_its_program_and_returns_pil(checkpoint):
+    folder, _ = checkpoint
+    ours = DistriSDXLPipeline.from_pretrained(folder, dj.DistriConfig(HEIGHT, WIDTH, devices=8, warmup_steps=1),
+                                              dtype=jnp.float32)
+    seen = []
+    first = ours("a cube", num_inference_steps=4, seed=3, progress=lambda i, n: seen.append((i, n)))
+    second = ours("a sphere", num_inference_steps=4, seed=3, guidance_scale=7.0, progress=lambda i, n: None)
+    assert first.timings["compiled"] and not second.timings["compiled"]
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert len(first.images) == 1 and first.images[0].size == (WIDTH, HEIGHT)
+    single = DistriSDXLPipeline.from_pretrained(folder, dj.DistriConfig(HEIGHT, WIDTH, devices=1), dtype=jnp.float32)
+    a = ours("a cube", num_inference_steps=4, seed=3, output_type="np").images
+    b = single("a cube", num_inference_steps=4, seed=3, output_type="np").images
+    print(f"corrected_async_gn, warmup 1, 8 devices vs 1 device: PSNR {psnr(a, b):.1f} dB")
+    assert psnr(a, b) > 25
+
+
+def test_bad_pipeline_inputs(checkpoint, tmp_path, monkeypatch):
+    folder, _ = checkpoint
+    ours = DistriSDXLPipeline.from_pretrained(folder, dj.DistriConfig(HEIGHT, WIDTH, devices=1), dtype=jnp.float32)
+    with pytest.raises(dj.DistriFusionError, match=r"latents have shape \(1, 4, 8, 8\); expected \(1, 4, 16, 24\)"):
+        ours("x", num_inference_steps=2, latents=np.zeros((1, 4, 8, 8), np.float32))
+    with pytest.raises(dj.DistriFusionError, match="unknown output_type 'jpeg'"):
+        ours("x", num_inference_steps=2, output_type="jpeg")
+    with pytest.raises(dj.ConfigError, match="unknown scheduler 'heun'"):
+        ours("x", num_inference_steps=2, scheduler="heun")
+    with pytest.warns(UserWarning, match="at most 77 tokens"):
+        ours("a cube " * 60, num_inference_steps=1, output_type="latent")
+    with pytest.raises(dj.CheckpointError, match="no model_index.json"):
+        DistriSDXLPipeline.from_pretrained(folder / "unet")
+    with pytest.raises(dj.CheckpointError, match="does not exist"):
+        DistriSDXLPipeline.from_pretrained(tmp_path / "missing")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(dj.CheckpointError, match="not in the local Hugging Face cache"):
+        DistriSDXLPipeline.from_pretrained("someone/not-cached-sdxl")
