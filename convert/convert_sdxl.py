@@ -1,4 +1,4 @@
-"""Convert a diffusers SDXL (or SD 1.x / 2.x) UNet folder to distrifusion-jax's Flax format.
+"""Convert a diffusers SDXL pipeline folder (or an SDXL / SD 1.x / 2.x UNet folder) to our Flax format.
 
     python convert/convert_sdxl.py SRC DST [--dtype float32|float16|bfloat16] [--variant fp16|bf16]
 

@@ -4,7 +4,7 @@ from .config import DistriConfig, UNetConfig, sd15, sd21, sdxl_base
 from .errors import CheckpointError, ConfigError, DistriFusionError
 from .models import UNet2DConditionModel
 from .weights import convert_text_encoder, convert_vae, load_text_encoder, load_unet, load_vae, save_unet_diffusers
-from .convert import convert_unet
+from .convert import convert_pipeline, convert_unet
 from .denoise import Denoiser, make_denoise_fn
 from .pipeline import DistriSDXLPipeline
 from .schedulers import make_scheduler, scheduler_from_config
@@ -12,7 +12,7 @@ from .schedulers import make_scheduler, scheduler_from_config
 __all__ = [
     "DistriConfig", "UNetConfig", "sdxl_base", "sd15", "sd21",
     "DistriFusionError", "ConfigError", "CheckpointError",
-    "UNet2DConditionModel", "load_unet", "save_unet_diffusers", "convert_unet",
+    "UNet2DConditionModel", "load_unet", "save_unet_diffusers", "convert_unet", "convert_pipeline",
     "load_text_encoder", "convert_text_encoder", "load_vae", "convert_vae",
     "Denoiser", "make_denoise_fn", "DistriSDXLPipeline", "make_scheduler", "scheduler_from_config",
 ]

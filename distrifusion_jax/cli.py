@@ -1,4 +1,4 @@
-"""Command line: `distrifusion-jax convert SRC DST [--dtype]` (also `python -m distrifusion_jax`)."""
+"""Command line: `distrifusion-jax generate ...` and `distrifusion-jax convert SRC DST` (also `python -m distrifusion_jax`)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,34 @@ from .errors import DistriFusionError
 
 
 def _convert(args) -> None:
-    from .convert import convert_unet
+    from .convert import convert
 
-    convert_unet(args.src, args.dst, dtype=args.dtype, variant=args.variant)
+    convert(args.src, args.dst, dtype=args.dtype, variant=args.variant)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: ...` and exit status 2, like our own errors."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distrifusion-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="convert a diffusers UNet folder (safetensors) to our Flax format")
-    p.add_argument("src", help="diffusers UNet folder: config.json + diffusion_pytorch_model[.fp16].safetensors")
-    p.add_argument("dst", help="output folder (config.json + flax_params.safetensors)")
+    from .generate import add_parser as add_generate
+
+    parser = _Parser(prog="distrifusion-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_generate(sub)
+    p = sub.add_parser("convert", help="convert a diffusers SDXL pipeline or UNet folder (safetensors) to our "
+                                       "Flax format")
+    p.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "
+                               "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or UNet folder "
+                               "(config.json + diffusion_pytorch_model[.fp16].safetensors)")
+    p.add_argument("dst", help="output folder: the same pipeline layout, each model as config.json + "
+                               "flax_params.safetensors (a UNet folder: just those two files)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="parameter dtype to store (default: float32)")
+                   help="parameter dtype to store (default: float32, lossless; bfloat16 is the usual choice "
+                        "for SDXL and halves the size); a pipeline's VAE stays float32 if it has force_upcast")
     p.add_argument("--variant", default=None, choices=["fp16", "bf16"],
                    help="read this weight variant of SRC (default: full precision, else fp16, else bf16)")
     p.set_defaults(func=_convert)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -55,11 +56,23 @@ class Denoiser:
         self._report = progress is not None
         self._done = -1
         self._jitted = jax.jit(self._run)
+        self._executables: dict = {}  # input shapes/dtypes -> compiled program
+        self.last_compile_s = 0.0  # seconds the last call spent compiling (0 when it reused a program)
 
     @property
     def compiled(self) -> bool:
         """Whether a program has been compiled already (a later call with the same shapes reuses it)."""
-        return self._jitted._cache_size() > 0
+        return bool(self._executables)
+
+    def _executable(self, *args):
+        """The compiled program for these argument shapes, compiled (and timed) on first use."""
+        key = jax.tree_util.tree_structure(args), tuple((a.shape, jnp.result_type(a)) for a in jax.tree.leaves(args))
+        self.last_compile_s = 0.0
+        if key not in self._executables:
+            t0 = time.perf_counter()
+            self._executables[key] = self._jitted.lower(*args).compile()
+            self.last_compile_s = time.perf_counter() - t0
+        return self._executables[key]
 
     def _tick(self, i):
         i = int(i)
@@ -78,7 +91,8 @@ class Denoiser:
         self._check_inputs(latents, encoder_hidden_states)
         self._done = -1
         scale = jnp.float32(self.guidance_scale if guidance_scale is None else guidance_scale)
-        return self._jitted(params, latents, encoder_hidden_states, added_cond_kwargs, scale)
+        args = (params, latents, encoder_hidden_states, added_cond_kwargs, scale)
+        return self._executable(*args)(*args)
 
     # ---- one noise prediction ----
     def model(self, plan: Optional[PatchPlan]):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import DistriConfig
+from .config import DistriConfig, UNetConfig
 from .denoise import Denoiser
 from .errors import CheckpointError, DistriFusionError
 from .prompts import PromptEncoder, as_list
@@ -100,6 +100,10 @@ class DistriSDXLPipeline:
         missing = [c for c in COMPONENTS if not (root / c).is_dir()]
         if missing:
             raise CheckpointError(f"{root}: missing component folder(s) {', '.join(missing)} of an SDXL pipeline")
+        distri_config = distri_config or DistriConfig()
+        # a size or device count that does not fit fails before any weight is read
+        distri_config.check_model(UNetConfig.from_json(root / "unet" / "config.json"),
+                                  len(distri_config.resolve_devices()))
         unet, unet_params = load_unet(root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl)
         vae_probe = json.loads((root / "vae" / "config.json").read_text())
         vae_dtype = vae_dtype or (jnp.float32 if vae_probe.get("force_upcast", True) else dtype)
@@ -114,7 +118,7 @@ class DistriSDXLPipeline:
         if not sched_path.is_file():
             raise CheckpointError(f"{sched_path} is missing")
         return cls(unet, unet_params, vae, vae_params, encoders, text_params, tokenizers,
-                   json.loads(sched_path.read_text()), distri_config or DistriConfig(),
+                   json.loads(sched_path.read_text()), distri_config,
                    index.get("force_zeros_for_empty_prompt", True), scheduler)
 
     def scheduler_for(self, name: Optional[str] = None):
@@ -175,12 +179,12 @@ class DistriSDXLPipeline:
 
         t0 = time.perf_counter()
         d = self.denoiser(dc, sched, num_inference_steps, guidance_rescale, progress)
-        compiled_before = d.compiled
         out = d(self.unet_params, noise * sigma, embeds, {"text_embeds": pooled, "time_ids": time_ids},
                 guidance_scale=guidance_scale)
         out = jax.block_until_ready(out)
-        timings["denoise_s"] = time.perf_counter() - t0
-        timings["compiled"] = not compiled_before
+        timings["compile_s"] = d.last_compile_s
+        timings["denoise_s"] = time.perf_counter() - t0 - d.last_compile_s
+        timings["compiled"] = d.last_compile_s > 0
         if output_type == "latent":
             return PipelineOutput(np.asarray(out).transpose(0, 3, 1, 2), timings)
 

@@ -208,7 +208,7 @@ def test_second_call_does_not_recompile(setup):
     denoise = dj.make_denoise_fn(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=4, mode="stale_gn"), sched, 3)
     first = denoise(params, *inputs)
     second = denoise(params, *inputs)
-    assert denoise._jitted._cache_size() == 1
+    assert len(denoise._executables) == 1 and denoise.last_compile_s == 0.0
     np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
     # the result stays row-sharded over the patch axis
     assert first.sharding.spec == P(None, PATCH)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import jax.numpy as jnp
-from safetensors.numpy import save_file
 
 from .. import keymap
 from ..models.clip import CLIPTextConfig, read_json, text_encoder_class
-from .files import CONVERTED_WEIGHTS, check_folder, read_params, resolve_dtype
+from .files import check_folder, read_params, resolve_dtype
 
 TRANSFORMERS_WEIGHTS = "model"  # model.safetensors, model.fp16.safetensors, model.safetensors.index.json
 
@@ -61,23 +58,10 @@ def convert_text_encoder(src, dst, dtype="float32", variant: Optional[str] = Non
 
     `load_text_encoder(dst)` then gives exactly the parameters `load_text_encoder(src)` gives (cast to `dtype`).
     """
-    from ..convert import FORMAT_VERSION  # not at import time: convert imports the weights package
+    from ..convert import tensor_progress, write_converted  # here, not at the top: convert imports this package
 
     dt = resolve_dtype(dtype)
     start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = lambda it, total: tqdm(it, total=total, desc="converting text encoder", unit="tensor", file=sys.stderr)
-    cls, config, flat = read_text_encoder_params(src, dt, variant, progress=bar)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(dst / CONVERTED_WEIGHTS), metadata={"format": "distrifusion-jax", "dtype": dt.name})
-    meta = dict(config.to_dict(), architectures=[cls.__name__])
-    meta["_distrifusion_jax"] = {"format_version": FORMAT_VERSION, "dtype": dt.name, "source": str(src)}
-    (dst / "config.json").write_text(json.dumps(meta, indent=2))
-    if progress:
-        n = sum(v.size for v in flat.values())
-        print(f"converted {len(flat)} tensors ({n:,} parameters, {dt.name}) from {src} to {dst} "
-              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return dst
+    cls, config, flat = read_text_encoder_params(src, dt, variant,
+                                                 progress=tensor_progress("converting text encoder", progress))
+    return write_converted(dst, flat, dict(config.to_dict(), architectures=[cls.__name__]), src, dt, start, progress)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import jax.numpy as jnp
-from safetensors.numpy import save_file
 
 from .. import keymap
 from ..models.vae import AutoencoderKL, VAEConfig
-from .files import CONVERTED_WEIGHTS, DIFFUSERS_WEIGHTS, check_folder, read_params, resolve_dtype
+from .files import DIFFUSERS_WEIGHTS, check_folder, read_params, resolve_dtype
 
 # Checkpoints saved before diffusers renamed its VAE attention (and single-file conversions of the
 # original LDM weights) name the projections differently, sometimes storing them as 1x1 convs.
@@ -72,23 +69,9 @@ def convert_vae(src, dst, dtype="float32", variant: Optional[str] = None, progre
     """Convert a diffusers VAE folder `src` into `dst` (config.json + flax_params.safetensors), as
     `convert_unet` does for the UNet: `load_vae(dst)` gives exactly the parameters of `load_vae(src)`
     (cast to `dtype`)."""
-    from tqdm.auto import tqdm
-
-    from ..convert import FORMAT_VERSION  # here, not at the top: convert imports the weights package
+    from ..convert import tensor_progress, write_converted  # here, not at the top: convert imports this package
 
     dt = resolve_dtype(dtype)
     start = time.perf_counter()
-    bar = (lambda it, total: tqdm(it, total=total, desc="converting vae", unit="tensor", file=sys.stderr)) \
-        if progress else None
-    config, flat = read_vae_params(src, dt, variant, progress=bar)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(dst / CONVERTED_WEIGHTS), metadata={"format": "distrifusion-jax", "dtype": dt.name})
-    meta = config.to_dict()
-    meta["_distrifusion_jax"] = {"format_version": FORMAT_VERSION, "dtype": dt.name, "source": str(src)}
-    (dst / "config.json").write_text(json.dumps(meta, indent=2))
-    if progress:
-        n = sum(v.size for v in flat.values())
-        print(f"converted {len(flat)} tensors ({n:,} parameters, {dt.name}) from {src} to {dst} "
-              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return dst
+    config, flat = read_vae_params(src, dt, variant, progress=tensor_progress("converting vae", progress))
+    return write_converted(dst, flat, config.to_dict(), src, dt, start, progress)
