@@ -150,3 +150,13 @@ def test_bad_pipeline_inputs(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(dj.CheckpointError, match="not in the local Hugging Face cache"):
         DistriSDXLPipeline.from_pretrained("someone/not-cached-sdxl")
+
+
+def test_converted_pipeline_gives_the_same_images(checkpoint, latents, tmp_path):
+    folder, _ = checkpoint
+    converted = dj.convert_pipeline(folder, tmp_path / "converted", dtype="float32", progress=False)
+    config = dj.DistriConfig(HEIGHT, WIDTH, devices=1)
+    a = DistriSDXLPipeline.from_pretrained(folder, config, dtype=jnp.float32)
+    b = DistriSDXLPipeline.from_pretrained(converted, config, dtype=jnp.float32)
+    kw = dict(num_inference_steps=2, latents=latents, output_type="np", scheduler="euler")
+    np.testing.assert_array_equal(a("a cube", **kw).images, b("a cube", **kw).images)
