@@ -33,6 +33,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="number of devices (default: all); without accelerators, N CPU devices are created")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--output", default="image.png", help="image file to write (PNG, JPEG, ...)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="persistent compilation cache (default: $DISTRIFUSION_JAX_CACHE or "
+                        "~/.cache/distrifusion-jax/xla); 'off' disables it")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no per-step progress bar: the denoising program then has no host callback and is "
+                        "also stored in the compilation cache (with the bar only the text encoders and "
+                        "the VAE are)")
     p.set_defaults(func=run)
     return p
 
@@ -61,7 +68,8 @@ def run(args) -> None:
     print(f"loading {args.model} ({args.dtype}) for {len(devices)} {devices[0].platform} device(s), mesh (cfg x "
           f"patch) {layout}, {args.parallelism}/{args.mode}, warmup {args.warmup_steps}", file=sys.stderr)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    pipe = DistriSDXLPipeline.from_pretrained(args.model, config, dtype=dtype, scheduler=args.scheduler)
+    pipe = DistriSDXLPipeline.from_pretrained(args.model, config, dtype=dtype, scheduler=args.scheduler,
+                                              compilation_cache=args.compile_cache)
     print("compiling the denoising loop (cached for later runs of the same shapes)...", file=sys.stderr)
     bars = []
 
@@ -73,7 +81,8 @@ def run(args) -> None:
     try:
         out = pipe(args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                   guidance_rescale=args.guidance_rescale, seed=args.seed, progress=progress)
+                   guidance_rescale=args.guidance_rescale, seed=args.seed,
+                   progress=None if args.no_progress else progress)
     except ValueError as e:  # e.g. a prompt list that does not fit the batch
         raise DistriFusionError(str(e).splitlines()[0]) from None
     finally:

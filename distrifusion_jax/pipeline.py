@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import enable_compilation_cache
 from .config import DistriConfig, UNetConfig
 from .denoise import Denoiser
 from .errors import CheckpointError, DistriFusionError
@@ -82,15 +83,18 @@ class DistriSDXLPipeline:
     @classmethod
     def from_pretrained(cls, path_or_hub_id, distri_config: Optional[DistriConfig] = None, dtype=jnp.bfloat16,
                         variant: Optional[str] = None, scheduler: Optional[str] = None, vae_dtype=None,
-                        attention_impl: Optional[str] = None) -> "DistriSDXLPipeline":
+                        attention_impl: Optional[str] = None, compilation_cache=None) -> "DistriSDXLPipeline":
         """Load a diffusers SDXL pipeline folder (or its fp16/bf16 variant, or our converted folder).
 
         `dtype`: UNet and text encoders; `vae_dtype`: default float32 when the VAE's config asks for
         `force_upcast` (SDXL's does), else `dtype`. `scheduler`: "ddim" | "euler" | "dpm-solver"
-        overrides the class in scheduler/scheduler_config.json.
+        overrides the class in scheduler/scheduler_config.json. `compilation_cache`: a directory for
+        JAX's persistent compilation cache, or "off" (default: $DISTRIFUSION_JAX_CACHE, else
+        ~/.cache/distrifusion-jax/xla), so a new process reuses compiled programs.
         """
         from transformers import CLIPTokenizer
 
+        enable_compilation_cache(compilation_cache)
         root = resolve_model_path(path_or_hub_id)
         index_path = root / "model_index.json"
         if not index_path.is_file():

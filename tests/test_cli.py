@@ -1,5 +1,6 @@
 """The command line: generate end to end on fake CPU devices, and one-line errors with exit status 2."""
 
+import os
 import subprocess
 import sys
 
@@ -16,8 +17,9 @@ def tiny_pipeline(tmp_path_factory):
 
 
 def cli(*args):
+    env = dict(os.environ, DISTRIFUSION_JAX_CACHE="off")  # tests write nothing to the user's cache
     return subprocess.run([sys.executable, "-m", "distrifusion_jax", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def test_generate_on_fake_devices(tiny_pipeline, tmp_path):
@@ -51,3 +53,13 @@ def test_generate_missing_model(tmp_path):
     r = cli("generate", "--model", tmp_path / "missing", "--prompt", "x")
     assert r.returncode == 2 and "does not exist" in r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr
+
+
+def test_compilation_cache_is_written_and_reused(tiny_pipeline, tmp_path):
+    """Without the progress callback the denoising program lands in the persistent cache."""
+    args = ("generate", "--model", tiny_pipeline, "--prompt", "x", "--height", 128, "--width", 128, "--steps", 2,
+            "--devices", 2, "--no-split-batch", "--dtype", "float32", "--no-progress", "--output",
+            tmp_path / "a.png", "--compile-cache", tmp_path / "cache")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert any(p.name.startswith("jit__run") for p in (tmp_path / "cache").iterdir())
