@@ -245,3 +245,31 @@ def test_latents_must_match_the_config(setup):
     denoise = dj.make_denoise_fn(unet, dj.DistriConfig(256, 256, devices=2), sched, 2)
     with pytest.raises(dj.DistriFusionError, match="latents are 16x24 but the DistriConfig is for 256x256"):
         denoise(params, latents, ehs, added)
+
+
+def test_emulated_band_step_computes_what_the_real_band_does(setup):
+    """PatchPlan(emulate=P) (benchmarks: one band's compute without a mesh) gives band 0's real result."""
+    from distrifusion_jax.parallel import STALE
+
+    unet, params, (latents, ehs, added), sched = setup
+    x = latents.at[:, HEIGHT // 16].set(0.0)  # band 1's first row: conv_in's exact halo, which emulation zeroes
+    ehs1, added1 = ehs[1:], {k: v[1:] for k, v in added.items()}
+    d = dj.Denoiser(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=2, do_classifier_free_guidance=False), sched, 4)
+    sync, disp = d.model(PatchPlan("sync", "corrected_async_gn")), d.model(PatchPlan("displaced", "corrected_async_gn"))
+    t = jnp.float32(300.0)
+
+    def f(params, x):
+        _, state = d.eps(sync, params, None, x, t, ehs1, added1)
+        eps, _ = d.eps(disp, params, state, x, t, ehs1, added1)
+        return eps, state
+
+    both = (CFG, PATCH)  # the cfg axis has size 1 here; the state is typed as varying over it
+    eps, state = jax.jit(jax.shard_map(f, mesh=d.mesh, in_specs=(P(), P(None, PATCH)),
+                                       out_specs=(P(None, both), P(both))))(params, x)
+    band0_state = jax.tree.map(lambda a: a[: a.shape[0] // 2], state)  # device 0's slice of the stacked state
+    emulated = unet.clone(parallel=PatchPlan("displaced", "corrected_async_gn", emulate=2))
+    out, new = emulated.apply({"params": params, STALE: band0_state}, x[:, : HEIGHT // 16], t, ehs1, added1,
+                              mutable=[STALE])
+    assert rel_l2(out, np.asarray(eps)[:, : HEIGHT // 16]) <= EXACT
+    # emulation exchanges nothing, so the state is left as it was
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new[STALE]), jax.tree.leaves(band0_state)))

@@ -35,9 +35,16 @@ def gather_tokens(x, axis: str):
     return lax.all_gather(x, axis, axis=1, tiled=True)
 
 
-def replace_own_tokens(full, local, axis: str):
-    """full [B, P * T, ...] with this device's slice [B, T, ...] replaced by `local` (no communication)."""
-    start = lax.axis_index(axis) * local.shape[1]
+def _index(axis, index):
+    return lax.axis_index(axis) if index is None else index
+
+
+def replace_own_tokens(full, local, axis: str, index=None):
+    """full [B, P * T, ...] with this device's slice [B, T, ...] replaced by `local` (no communication).
+
+    `index` overrides this device's band index (None: its position on `axis`).
+    """
+    start = _index(axis, index) * local.shape[1]
     return lax.dynamic_update_slice_in_dim(full, local.astype(full.dtype), start, axis=1)
 
 
@@ -61,16 +68,16 @@ def combine_stats(gathered):
     return jnp.stack([mean, var], axis=-1)
 
 
-def stale_stats(stale, fresh, axis: str):
+def stale_stats(stale, fresh, axis: str, index=None):
     """`stale_gn`: the previous step's statistics of the other bands with this band's fresh ones.
 
     stale [P, B, G, 2], fresh [B, G, 2] -> [B, G, 2]; var >= 0 by construction.
     """
-    i = lax.axis_index(axis)
+    i = _index(axis, index)
     return combine_stats(lax.dynamic_update_index_in_dim(stale, fresh.astype(stale.dtype), i, axis=0))
 
 
-def corrected_stats(stale, fresh, axis: str):
+def corrected_stats(stale, fresh, axis: str, index=None):
     """`corrected_async_gn` (paper section 4.2): stale global statistics plus this band's change.
 
     In the reference's terms, with S_i = [m_i, E_i[x^2]] and B_j the stale S_j:
@@ -80,7 +87,7 @@ def corrected_stats(stale, fresh, axis: str):
     step) this band's own variance v_i is used, so the result is never NaN.
     stale [P, B, G, 2], fresh [B, G, 2] -> [B, G, 2].
     """
-    i = lax.axis_index(axis)
+    i = _index(axis, index)
     own = lax.dynamic_index_in_dim(stale, i, axis=0, keepdims=False)
     base = combine_stats(stale)
     mu = base[..., 0]

@@ -53,10 +53,22 @@ class PatchPlan:
     mode: str = "corrected_async_gn"
     axis: str = PATCH
     exact: frozenset = frozenset({("conv_in",)})
+    # > 0: compute of one band out of `emulate`, on one device without a mesh: every exchange is left
+    # out and the state is only read (benchmarks of a displaced step's compute, not for generation)
+    emulate: int = 0
 
     def __post_init__(self):
         if self.phase not in PHASES or self.mode not in MODES:
             raise ValueError(f"PatchPlan: phase {self.phase!r} / mode {self.mode!r} not in {PHASES} / {MODES}")
+        if self.emulate and self.phase != "displaced":
+            raise ValueError("PatchPlan: emulate needs the displaced phase (a sync step cannot skip its exchange)")
+
+    def bands(self) -> int:
+        return self.emulate or lax.axis_size(self.axis)
+
+    def exchange(self, fn, *args):
+        """Run a collective, or (emulating) nothing: the caller then keeps the state as it is."""
+        return None if self.emulate else fn(*args)
 
     @property
     def spatial(self) -> str:
@@ -70,7 +82,8 @@ class PatchPlan:
     def pad_rows(self, module, x, pad):
         """x [B, h, W, C] -> [B, h + 2 pad, W, C] with the neighbours' rows (zeros at the image border)."""
         if tuple(module.path) in self.exact:
-            top, bottom = C.halo_rows(x, pad, self.axis)
+            rows = self.exchange(C.halo_rows, x, pad, self.axis)
+            top, bottom = rows if rows else (jnp.zeros_like(x[:, :pad]),) * 2
             return jnp.concatenate([top, x, bottom], axis=1)
         state = module.variable(STALE, "halo", jnp.zeros, x.shape[:1] + (2 * pad,) + x.shape[2:], x.dtype)
         if self.spatial == "sync":
@@ -78,24 +91,25 @@ class PatchPlan:
             state.value = jnp.concatenate([top, bottom], axis=1)
         else:
             top, bottom = state.value[:, :pad], state.value[:, pad:]
-            if self.spatial == "displaced":
-                state.value = jnp.concatenate(C.halo_rows(x, pad, self.axis), axis=1)
+            rows = self.exchange(C.halo_rows, x, pad, self.axis) if self.spatial == "displaced" else None
+            if rows:
+                state.value = jnp.concatenate(rows, axis=1)
         return jnp.concatenate([top, x, bottom], axis=1)
 
     # ---- self-attention ----
     def self_attention_kv(self, module, k, v):
         """Local k, v [B, T, N, Hd] -> the whole image's [B, P T, N, Hd]."""
-        p = lax.axis_size(self.axis)
-        shape = (k.shape[0], p * k.shape[1]) + k.shape[2:]
+        shape = (k.shape[0], self.bands() * k.shape[1]) + k.shape[2:]
         k_state = module.variable(STALE, "k", jnp.zeros, shape, k.dtype)
         v_state = module.variable(STALE, "v", jnp.zeros, shape, v.dtype)
         if self.spatial == "sync":
             k_state.value, v_state.value = C.gather_tokens(k, self.axis), C.gather_tokens(v, self.axis)
             return k_state.value, v_state.value
         # displaced and frozen: other bands from the state, this band's fresh K/V in its own slice
-        k_full = C.replace_own_tokens(k_state.value, k, self.axis)
-        v_full = C.replace_own_tokens(v_state.value, v, self.axis)
-        if self.spatial == "displaced":
+        index = 0 if self.emulate else None
+        k_full = C.replace_own_tokens(k_state.value, k, self.axis, index)
+        v_full = C.replace_own_tokens(v_state.value, v, self.axis, index)
+        if self.spatial == "displaced" and not self.emulate:
             k_state.value, v_state.value = C.gather_tokens(k, self.axis), C.gather_tokens(v, self.axis)
         return k_full, v_full
 
@@ -103,8 +117,7 @@ class PatchPlan:
     def group_norm_stats(self, module, mean, var):
         """This band's (mean, var) [B, G] -> statistics to normalise with, float32."""
         fresh = jnp.stack([mean, var], axis=-1).astype(jnp.float32)
-        p = lax.axis_size(self.axis)
-        state = module.variable(STALE, "stats", jnp.zeros, (p,) + fresh.shape, jnp.float32)
+        state = module.variable(STALE, "stats", jnp.zeros, (self.bands(),) + fresh.shape, jnp.float32)
         if self.norm == "sync":
             state.value = C.gather_stats(fresh, self.axis)
             out = C.combine_stats(state.value)
@@ -112,6 +125,8 @@ class PatchPlan:
             out = fresh
         else:
             combine = C.corrected_stats if self.norm == "corrected" else C.stale_stats
-            out = combine(state.value, fresh, self.axis)
-            state.value = C.gather_stats(fresh, self.axis)
+            out = combine(state.value, fresh, self.axis, 0 if self.emulate else None)
+            gathered = self.exchange(C.gather_stats, fresh, self.axis)
+            if gathered is not None:
+                state.value = gathered
         return out[..., 0], out[..., 1]
