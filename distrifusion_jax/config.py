@@ -225,7 +225,7 @@ def to_diffusers_dict(config: UNetConfig) -> dict:
     return d
 
 
-PARALLELISMS = ("patch", "naive_patch")
+PARALLELISMS = ("patch", "naive_patch", "tensor")
 SPLIT_SCHEMES = ("row", "col", "alternate")
 MODES = ("corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "full_sync", "no_sync")
 
@@ -242,7 +242,9 @@ class DistriConfig:
       warmup at least as long as the run makes the whole run synchronous.
     mode: behaviour of displaced steps, one of MODES.
     parallelism: "patch" (DistriFusion) or "naive_patch" (independent patches, no exchange), the
-      latter split by "row", "col" or "alternate" (rows on even steps, columns on odd).
+      latter split by "row", "col" or "alternate" (rows on even steps, columns on odd); or "tensor"
+      (heads and channels split, the reference's baseline: distrifusion_jax.parallel.tensor), which
+      ignores mode, warmup_steps and split_scheme.
     One device means the plain single-device loop, whatever the other fields say.
     Constructing it has no side effects: no devices are touched until `resolve_devices()`.
     """
@@ -310,7 +312,7 @@ class DistriConfig:
     def check_model(self, unet_config: UNetConfig, n_devices: int) -> None:
         """Latent sizes must split into equal bands down to the lowest UNet resolution."""
         _, patches = self.layout(n_devices)
-        if patches == 1:
+        if patches == 1 or self.parallelism == "tensor":  # tensor parallelism does not split the image
             return
         f = 2 ** unet_config.num_downsamplers
         checks = [("height", self.latent_height)]

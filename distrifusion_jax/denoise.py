@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from .config import DistriConfig
 from .parallel import CFG, PATCH, STALE, PatchPlan, make_mesh, vary
 from .parallel import collectives as C
+from .parallel.tensor import TensorPlan
 
 
 def guided(eps_uncond, eps_cond, scale, rescale: float = 0.0, axis=None):
@@ -48,9 +49,12 @@ class Denoiser:
         self.devices = distri_config.resolve_devices()
         self.cfg_size, self.patches = distri_config.layout(len(self.devices))
         distri_config.check_model(unet.config, len(self.devices))
+        # parallelism="tensor": GSPMD on its own (CFG, TENSOR) mesh; self.mesh stays None (no shard_map)
+        self.tensor = TensorPlan(unet.config, self.devices, self.cfg_size) if (
+            distri_config.parallelism == "tensor" and len(self.devices) > 1) else None
         # steps 0 .. warmup_steps are synchronous (the reference's `counter <= warmup_steps`)
         self.num_sync = min(self.num_steps, distri_config.warmup_steps + 1)
-        self.mesh = make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 else None
+        self.mesh = make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 and self.tensor is None else None
         # progress(i, n) is called from the host as steps finish; with None no callback is compiled in
         self.progress = progress
         self._report = progress is not None
@@ -86,12 +90,14 @@ class Denoiser:
 
         With guidance, encoder_hidden_states and added_cond_kwargs are batched [uncond; cond] (2B).
         `guidance_scale` overrides the default without recompiling. The result stays row-sharded
-        over the mesh's patch axis.
+        over the mesh's patch axis (replicated under tensor parallelism).
         """
         self._check_inputs(latents, encoder_hidden_states)
         self._done = -1
         scale = jnp.float32(self.guidance_scale if guidance_scale is None else guidance_scale)
         args = (params, latents, encoder_hidden_states, added_cond_kwargs, scale)
+        if self.tensor is not None:  # parameters split over the tensor axis, the rest replicated
+            args = self.tensor.place(*args)
         return self._executable(*args)(*args)
 
     # ---- one noise prediction ----
@@ -113,7 +119,7 @@ class Denoiser:
 
         if not self.cfg:
             return apply(x, ehs, added)
-        if self.cfg_size == 2:  # this device runs one branch on its band; the other half has the other
+        if self.cfg_size == 2 and self.mesh is not None:  # shard_map: this device runs one branch on its band
             out, new = apply(x, ehs, added)
             both = C.cfg_exchange(out, CFG)
             return guided(both[0], both[1], scale, self.guidance_rescale, axis), new
@@ -147,8 +153,8 @@ class Denoiser:
         return carry[0]
 
     def _run(self, params, latents, ehs, added, scale):
-        if self.mesh is None:
-            unet = self.model(None)
+        if self.mesh is None:  # one device, or tensor parallelism (the same loop under GSPMD)
+            unet = self.model(None) if self.tensor is None else self.tensor.wrap(self.model(None))
             fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
             return self._loop(params, latents, ehs, added, scale, [(fn, 0, self.num_steps, None)])
         batch_spec = P(CFG) if self.cfg_size == 2 else P()
