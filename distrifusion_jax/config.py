@@ -151,12 +151,7 @@ class UNetConfig:
 
     @classmethod
     def from_json(cls, path) -> "UNetConfig":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path))
 
     def validate(self) -> None:
         n = self.num_levels
@@ -189,6 +184,18 @@ class UNetConfig:
             if has_attn and c % h:
                 raise ConfigError(f"UNet config: block_out_channels[{i}]={c} is not divisible by its "
                                   f"{h} attention heads")
+
+
+def read_json(path) -> dict:
+    """A config.json as a dict; ConfigError if it is not valid JSON or not an object."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw
 
 
 def _fmt_allowed(allowed) -> str:

@@ -13,9 +13,8 @@ from typing import Optional
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .config import to_diffusers_dict
+from .config import read_json, to_diffusers_dict
 from .errors import CheckpointError
-from .models.clip import read_json
 from .weights import CONVERTED_WEIGHTS, check_folder, read_unet_params, resolve_dtype
 from .weights.clip import read_text_encoder_params
 from .weights.vae import read_vae_params

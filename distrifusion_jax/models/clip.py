@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any, Optional
 
 import flax
@@ -12,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..config import read_json
 from ..errors import ConfigError, DistriFusionError
 
 
@@ -121,17 +121,6 @@ def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"unsupported CLIP text config value {name}={value!r}: expected an int >= {minimum}")
 
-
-def read_json(path) -> dict:
-    """A config.json as a dict; ConfigError if it is not a JSON object."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return raw
 
 
 @flax.struct.dataclass

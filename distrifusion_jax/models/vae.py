@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..config import read_json
 from ..errors import ConfigError, DistriFusionError
 from ..nn import Attention, Conv2d, GroupNorm
 from .blocks import ACT, Common, Upsample2D
@@ -84,12 +85,7 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path) -> "VAEConfig":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict:
         """The config as a diffusers `config.json` dict (diffusers builds the same model from it)."""

@@ -9,7 +9,8 @@ from typing import Optional
 import jax.numpy as jnp
 
 from .. import keymap
-from ..models.clip import CLIPTextConfig, read_json, text_encoder_class
+from ..config import read_json
+from ..models.clip import CLIPTextConfig, text_encoder_class
 from .files import check_folder, read_params, resolve_dtype
 
 TRANSFORMERS_WEIGHTS = "model"  # model.safetensors, model.fp16.safetensors, model.safetensors.index.json
