@@ -22,11 +22,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmark import add_parser as add_benchmark
     from .generate import add_parser as add_generate
 
     parser = _Parser(prog="distrifusion-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_generate(sub)
+    add_benchmark(sub)
     p = sub.add_parser("convert", help="convert a diffusers SDXL pipeline or UNet folder (safetensors) to our "
                                        "Flax format")
     p.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "

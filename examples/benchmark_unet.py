@@ -12,9 +12,7 @@ like with like. `--small` uses a tiny SDXL-shaped config (for checking the scrip
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import statistics
 import sys
 import time
 from importlib import resources
@@ -24,42 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import distrifusion_jax as dj
+from distrifusion_jax.benchmark import random_params, timed
 
 SDXL_STEP_TFLOPS = 13.5  # two UNet forwards at 1024^2 (CFG batch 2), from the DistriFusion paper
-
-
-def timed(fn, repeats: int, warmup: int = 3) -> dict:
-    """Median / min / max seconds of fn() (fn must block until the device is done)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _draw(key, scale, offset, shape, dtype):
-    return (offset + scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-def random_params(unet, dtype, seed=0):
-    """Random parameters generated on the device (kernels ~ N(0, 1/fan_in), norm scales ~ 1).
-
-    One small compiled program per distinct shape: a single program drawing all 1,680 SDXL tensors
-    takes minutes to compile.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(unet.abstract_params())
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = []
-    for k, (path, a) in zip(keys, leaves):
-        name = path[-1].key
-        scale, offset = ((1 / np.sqrt(np.prod(a.shape[:-1])), 0.0) if name == "kernel" else
-                         (0.02, 1.0) if name == "scale" else (0.02, 0.0))
-        out.append(_draw(k, np.float32(scale), np.float32(offset), tuple(a.shape), jnp.dtype(dtype)))
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def jax_step(config, size, batch, dtype, repeats, impls):

@@ -1,0 +1,130 @@
+"""The benchmark tool on fake CPU devices: every configuration measured, ratios, the overhead, one-line errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from distrifusion_jax import benchmark, cli
+
+MEASURED = ("single", "full_sync", "displaced", "naive_patch")  # "tensor" too where DistriConfig accepts it
+SMALL = ("--random", "tiny", "--height", 64, "--steps", 2, "--warmup-steps", 0, "--dtype", "float32",
+         "--repeats", 2)
+
+
+def run_cli(*args):
+    env = dict(os.environ, DISTRIFUSION_JAX_CACHE="off")  # tests write nothing to the user's cache
+    # the test checks the tool, not XLA's code: cheaper LLVM optimisation shortens its compilations
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                        " --xla_llvm_disable_expensive_passes=true").strip()
+    return subprocess.run([sys.executable, "-m", "distrifusion_jax", "benchmark", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One CLI run on 4 fake devices (mesh 2x2), 2 steps, with the overhead: (process, JSON report)."""
+    path = tmp_path_factory.mktemp("benchmark") / "report.json"
+    r = run_cli(*SMALL, "--devices", 4, "--overhead", "--json", path)
+    assert r.returncode == 0, r.stderr
+    return r, json.loads(path.read_text())
+
+
+def numbers(tree):
+    """Every number in a JSON tree (booleans are not numbers here)."""
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from numbers(v)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+def test_every_configuration_is_measured(run):
+    _, report = run
+    configs = report["configs"]
+    assert list(configs) == list(benchmark.CONFIGS)
+    present = [n for n in benchmark.CONFIGS if "skipped" not in configs[n]]
+    assert set(MEASURED) <= set(present), configs
+    assert "skipped" not in configs["tensor"] or configs["tensor"]["skipped"]  # a reason where it is skipped
+    for name in present:
+        r = configs[name]
+        values = list(numbers({k: v for k, v in r.items() if k != "warmup_steps"}))  # a setting, 0 here
+        assert values and all(math.isfinite(v) and v > 0 for v in values), (name, r)
+        for key in ("compile_s", "first_call_s", "peak_bytes", "program_bytes"):
+            assert r[key] > 0, (name, key)
+        assert r["step_ms"]["min"] <= r["step_ms"]["median"] <= r["step_ms"]["max"]
+        assert r["e2e_decode_s"]["repeats"] == r["e2e_s"]["repeats"] == 2
+        assert r["peak_source"] == "memory_analysis"  # the CPU backend reports no memory_stats
+        assert (r["devices"], r["mesh"]) == ((1, "1") if name == "single" else (4, "2x2"))
+    assert report["memory_source"] == "memory_analysis" and report["vae_decode_s"]["median_s"] > 0
+    assert report["unet_parameters"] > 0 and "no text encoders" in report["inputs"]
+
+
+def test_ratios_are_against_single(run):
+    _, report = run
+    assert report["baseline"] == "single"
+    base = report["configs"]["single"]
+    assert base["vs_baseline"]["step_speedup"] == 1.0
+    for name, r in report["configs"].items():
+        if "skipped" in r:
+            continue
+        v = r["vs_baseline"]
+        assert v["step_speedup"] == pytest.approx(base["step_ms"]["median"] / r["step_ms"]["median"])
+        e2e = base["e2e_decode_s"]["median_s"] / r["e2e_decode_s"]["median_s"]
+        assert v["e2e_decode_speedup"] == pytest.approx(e2e)
+        assert v["memory_ratio"] == pytest.approx(r["peak_bytes"] / base["peak_bytes"])
+
+
+def test_overhead_ratio(run):
+    _, report = run
+    o = report["overhead"]
+    assert (o["devices"], o["mesh"]) == (4, "2x2")
+    assert o["ratio"] == pytest.approx(o["displaced"]["step_ms"]["median"] / o["naive_patch"]["step_ms"]["median"])
+    assert all(math.isfinite(v) and v > 0 for v in numbers(o))
+
+
+def test_the_table_is_printed(run):
+    r, report = run
+    assert "config" in r.stdout and "speedup" in r.stdout and "baseline: single" in r.stdout
+    for name in MEASURED:
+        assert f"\n{name} " in r.stdout
+    assert "displaced-step overhead" in r.stdout and f"= {report['overhead']['ratio']:.3f}" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_size_that_does_not_split_is_one_line_exit_2():
+    r = run_cli("--random", "tiny", "--height", 72, "--devices", 4)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("error: height=72 does not split into 2 patches")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random", "tiny", "--height", 100], "height=100 must be a positive multiple of 8"),
+    (["--random", "tiny", "--devices", 3], "the CFG split needs an even number of devices, got 3"),
+    (["--random", "tiny", "--configs", "single,pipeline"], "--configs pipeline: choose from"),
+    (["--random", "tiny", "--configs", "none"], "'none' only with --overhead"),
+    (["--random", "tiny", "--steps", 0], "--steps 0: must be at least 1"),
+    (["--random", "huge"], "invalid choice: 'huge'"),
+    (["--height", 64], "one of the arguments --model --random is required"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, args, message):
+    jax.devices()  # JAX has started: --devices cannot change this process's fake device count
+    try:
+        code = cli.main(["benchmark", *map(str, args)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_dry_run_lowers_without_weights(capsys, tmp_path):
+    path = tmp_path / "dry.json"
+    assert cli.main(["benchmark", *map(str, SMALL), "--configs", "displaced", "--dry-run", "--json", str(path)]) == 0
+    assert "displaced     8   2x4  lowered in" in capsys.readouterr().out
+    r = json.loads(path.read_text())["configs"]["displaced"]
+    assert r["lowered"] and (r["devices"], r["mesh"]) == (8, "2x4")
