@@ -27,7 +27,6 @@ BANDWIDTHS = {"A100 NVLink3 (300 GB/s)": 300e9, "H100 NVLink4 (450 GB/s)": 450e9
 def measure(args):
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import distrifusion_jax as dj
     from benchmark_unet import random_params, timed  # examples/benchmark_unet.py, beside this file

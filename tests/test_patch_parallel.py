@@ -1,7 +1,5 @@
 """Displaced patch parallelism: exactness of synchronous steps, displaced accuracy, structure, errors."""
 
-import json
-from importlib import resources
 
 import jax
 import jax.numpy as jnp
@@ -12,27 +10,15 @@ from jax.sharding import PartitionSpec as P
 import distrifusion_jax as dj
 from distrifusion_jax.parallel import CFG, PATCH, PatchPlan
 from jaxpr_taint import output_taints, shard_map_body
-from tiny import SDXL_MICRO, rel_l2
+from tiny import SDXL_MICRO, micro_setup, rel_l2, sdxl_scheduler_config
 
 HEIGHT, WIDTH = 128, 192  # latents 16 x 24: non-square, 8 bands of 2 rows (1 row at the lower level)
 EXACT = 1e-5  # float32 relative L2 tolerance for synchronous parallelism vs one device
 
 
-def sdxl_scheduler_config():
-    path = resources.files("distrifusion_jax").joinpath("configs/sdxl-base-1.0/scheduler/scheduler_config.json")
-    return json.loads(path.read_text())
-
-
 @pytest.fixture(scope="module")
 def setup():
-    unet = dj.UNet2DConditionModel(dj.UNetConfig.from_dict(SDXL_MICRO))
-    params = unet.init_params(seed=0)
-    rng = np.random.default_rng(0)
-    latents = jnp.asarray(rng.standard_normal((1, HEIGHT // 8, WIDTH // 8, 4)), jnp.float32)
-    ehs = jnp.asarray(rng.standard_normal((2, 7, 8)), jnp.float32)
-    added = {"text_embeds": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
-             "time_ids": jnp.asarray([[128.0, 192.0, 0.0], [128.0, 192.0, 0.0]], jnp.float32)}
-    return unet, params, (latents, ehs, added), dj.make_scheduler("ddim", sdxl_scheduler_config())
+    return micro_setup(HEIGHT, WIDTH)
 
 
 _cache = {}

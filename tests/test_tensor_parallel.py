@@ -1,17 +1,14 @@
 """Tensor parallelism: equal to one device, parameters really split, all-reduces only at row layers, errors."""
 
-import json
 import re
-from importlib import resources
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import distrifusion_jax as dj
 from distrifusion_jax.parallel.tensor import TENSOR, TensorPlan
-from tiny import SDXL_MICRO, rel_l2
+from tiny import micro_setup, rel_l2
 
 HEIGHT, WIDTH = 64, 96  # latents 8 x 12: tensor parallelism does not split the image, so any valid size
 STEPS = 3
@@ -28,21 +25,9 @@ CASES = {
 }
 
 
-def sdxl_scheduler_config():
-    path = resources.files("distrifusion_jax").joinpath("configs/sdxl-base-1.0/scheduler/scheduler_config.json")
-    return json.loads(path.read_text())
-
-
 @pytest.fixture(scope="module")
 def setup():
-    unet = dj.UNet2DConditionModel(dj.UNetConfig.from_dict(SDXL_MICRO))
-    params = unet.init_params(seed=0)
-    rng = np.random.default_rng(0)
-    latents = jnp.asarray(rng.standard_normal((1, HEIGHT // 8, WIDTH // 8, 4)), jnp.float32)
-    ehs = jnp.asarray(rng.standard_normal((2, 7, 8)), jnp.float32)
-    added = {"text_embeds": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
-             "time_ids": jnp.asarray([[64.0, 96.0, 0.0]] * 2, jnp.float32)}
-    return unet, params, (latents, ehs, added), dj.make_scheduler("ddim", sdxl_scheduler_config())
+    return micro_setup(HEIGHT, WIDTH)
 
 
 _cache = {}

@@ -95,3 +95,28 @@ SDXL_MICRO = {
     "transformer_layers_per_block": [1, 1],
     "use_linear_projection": True,
 }
+
+
+def sdxl_scheduler_config() -> dict:
+    """The bundled SDXL scheduler_config.json (EulerDiscreteScheduler fields)."""
+    import json
+    from importlib import resources
+
+    path = resources.files("distrifusion_jax").joinpath("configs/sdxl-base-1.0/scheduler/scheduler_config.json")
+    return json.loads(path.read_text())
+
+
+def micro_setup(height: int, width: int):
+    """(unet, params, (latents, ehs, added), ddim scheduler) for SDXL_MICRO at an image size, CFG batched."""
+    import jax.numpy as jnp
+
+    import distrifusion_jax as dj
+
+    unet = dj.UNet2DConditionModel(dj.UNetConfig.from_dict(SDXL_MICRO))
+    params = unet.init_params(seed=0)
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.standard_normal((1, height // 8, width // 8, 4)), jnp.float32)
+    ehs = jnp.asarray(rng.standard_normal((2, 7, 8)), jnp.float32)
+    added = {"text_embeds": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
+             "time_ids": jnp.asarray([[float(height), float(width), 0.0]] * 2, jnp.float32)}
+    return unet, params, (latents, ehs, added), dj.make_scheduler("ddim", sdxl_scheduler_config())

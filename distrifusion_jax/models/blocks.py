@@ -6,7 +6,6 @@ import math
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ..nn import Attention, Conv2d, GroupNorm
