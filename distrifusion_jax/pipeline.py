@@ -15,6 +15,7 @@ import numpy as np
 
 from .cache import enable_compilation_cache
 from .config import DistriConfig, UNetConfig
+from .decode import Decoder
 from .denoise import Denoiser
 from .errors import CheckpointError, DistriFusionError
 from .prompts import PromptEncoder, as_list
@@ -67,7 +68,7 @@ class DistriSDXLPipeline:
 
     def __init__(self, unet, unet_params, vae, vae_params, text_encoders, text_params, tokenizers,
                  scheduler_config: dict, distri_config: DistriConfig, force_zeros_for_empty_prompt: bool = True,
-                 scheduler: Optional[str] = None):
+                 scheduler: Optional[str] = None, parallel_decode: bool = True):
         self.unet, self.unet_params = unet, unet_params
         self.vae, self.vae_params = vae, vae_params
         self.prompt_encoder = PromptEncoder(tokenizers, text_encoders, text_params)
@@ -77,20 +78,23 @@ class DistriSDXLPipeline:
         self.distri_config = distri_config
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self._denoisers: dict = {}
-        self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
+        devices = distri_config.resolve_devices()
+        self.decoder = Decoder(vae, devices if parallel_decode else devices[:1])
 
     # ---- loading ----
     @classmethod
     def from_pretrained(cls, path_or_hub_id, distri_config: Optional[DistriConfig] = None, dtype=jnp.bfloat16,
                         variant: Optional[str] = None, scheduler: Optional[str] = None, vae_dtype=None,
-                        attention_impl: Optional[str] = None, compilation_cache=None) -> "DistriSDXLPipeline":
+                        attention_impl: Optional[str] = None, compilation_cache=None,
+                        parallel_decode: bool = True) -> "DistriSDXLPipeline":
         """Load a diffusers SDXL pipeline folder (or its fp16/bf16 variant, or our converted folder).
 
         `dtype`: UNet and text encoders; `vae_dtype`: default float32 when the VAE's config asks for
         `force_upcast` (SDXL's does), else `dtype`. `scheduler`: "ddim" | "euler" | "dpm-solver"
         overrides the class in scheduler/scheduler_config.json. `compilation_cache`: a directory for
         JAX's persistent compilation cache, or "off" (default: $DISTRIFUSION_JAX_CACHE, else
-        ~/.cache/distrifusion-jax/xla), so a new process reuses compiled programs.
+        ~/.cache/distrifusion-jax/xla), so a new process reuses compiled programs. `parallel_decode`:
+        decode row-sharded over the DistriConfig's devices (exact; default) rather than on one device.
         """
         from transformers import CLIPTokenizer
 
@@ -123,7 +127,7 @@ class DistriSDXLPipeline:
             raise CheckpointError(f"{sched_path} is missing")
         return cls(unet, unet_params, vae, vae_params, encoders, text_params, tokenizers,
                    json.loads(sched_path.read_text()), distri_config,
-                   index.get("force_zeros_for_empty_prompt", True), scheduler)
+                   index.get("force_zeros_for_empty_prompt", True), scheduler, parallel_decode)
 
     def scheduler_for(self, name: Optional[str] = None):
         name = name or self.default_scheduler
@@ -193,8 +197,7 @@ class DistriSDXLPipeline:
             return PipelineOutput(np.asarray(out).transpose(0, 3, 1, 2), timings)
 
         t0 = time.perf_counter()
-        z = jax.device_put(out, jax.devices()[0]) / self.vae.config.scaling_factor
-        image = np.asarray(self._decode(self.vae_params, z.astype(self.vae.dtype)), np.float32)
+        image = np.asarray(self.decoder(self.vae_params, out / self.vae.config.scaling_factor), np.float32)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         timings["decode_s"] = time.perf_counter() - t0
         if output_type == "np":
