@@ -69,8 +69,13 @@ class Denoiser:
         return bool(self._executables)
 
     def _executable(self, *args):
-        """The compiled program for these argument shapes, compiled (and timed) on first use."""
-        key = jax.tree_util.tree_structure(args), tuple((a.shape, jnp.result_type(a)) for a in jax.tree.leaves(args))
+        """The compiled program for these argument shapes and placements, compiled (and timed) on first use.
+
+        The placement is part of the key: a compiled program only accepts inputs laid out as it was
+        compiled for (a row-sharded latent from an earlier call differs from a host array).
+        """
+        key = jax.tree_util.tree_structure(args), tuple(
+            (a.shape, jnp.result_type(a), getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
         self.last_compile_s = 0.0
         if key not in self._executables:
             t0 = time.perf_counter()
