@@ -1,13 +1,12 @@
 """Full-size SDXL / SD 1.5 / SD 2.1: every diffusers key and shape maps onto our abstract parameters."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 import distrifusion_jax as dj
-from distrifusion_jax import keymap
 from distrifusion_jax.config import to_diffusers_dict
+from tiny import assert_full_size_mapping
 
 PRESETS = {"sdxl_base": (dj.sdxl_base, 2_567_463_684), "sd15": (dj.sd15, 859_520_964),
            "sd21": (dj.sd21, 865_910_724)}
@@ -19,19 +18,7 @@ def test_full_size_keys_and_shapes(name):
     config = make()
     with torch.device("meta"):
         reference = TorchUNet.from_config(to_diffusers_dict(config))
-    torch_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    ours = {k: tuple(v.shape) for k, v in keymap.flatten(dj.UNet2DConditionModel(config).abstract_params()).items()}
-    mapped = {}
-    for key, shape in torch_shapes.items():
-        path, flax_shape, _ = keymap.torch_to_flax(key, shape)
-        mapped[path] = flax_shape
-    assert sorted(set(mapped) - set(ours)) == []  # nothing in the checkpoint we would drop
-    assert sorted(set(ours) - set(mapped)) == []  # nothing we need that the checkpoint lacks
-    assert {k: v for k, v in mapped.items() if ours[k] != v} == {}
-    assert sum(int(np.prod(s)) for s in ours.values()) == count
-    assert sum(int(np.prod(s)) for s in torch_shapes.values()) == count
-    # and the inverse map gives back the diffusers key and shape of every parameter
-    assert {keymap.flax_to_torch(p, s)[:2] for p, s in ours.items()} == set(torch_shapes.items())
+    assert_full_size_mapping(reference, dj.UNet2DConditionModel(config).abstract_params(), count)
 
 
 def test_sdxl_full_size_forward_shape():

@@ -14,7 +14,7 @@ import distrifusion_jax as dj
 from distrifusion_jax import keymap
 from distrifusion_jax.models.vae import AutoencoderKL, VAEConfig, sdxl_vae_config
 from distrifusion_jax.weights.vae import convert_vae, load_vae
-from tiny import rel_l2
+from tiny import assert_full_size_mapping, rel_l2
 
 TOL = 1e-5  # float32 relative L2; reached: about 2e-7 to 6e-7 on these configs
 
@@ -136,18 +136,7 @@ def test_sdxl_full_size_keys_and_shapes():
     config = sdxl_vae_config()
     with torch.device("meta"):
         reference = TorchVAE.from_config(config.to_dict())
-    torch_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    ours = {k: tuple(v.shape) for k, v in keymap.flatten(AutoencoderKL(config).abstract_params()).items()}
-    mapped = {}
-    for key, shape in torch_shapes.items():
-        path, flax_shape, _ = keymap.torch_to_flax(key, shape)
-        mapped[path] = flax_shape
-    assert sorted(set(mapped) - set(ours)) == []  # nothing in the checkpoint we would drop
-    assert sorted(set(ours) - set(mapped)) == []  # nothing we need that the checkpoint lacks
-    assert {k: v for k, v in mapped.items() if ours[k] != v} == {}
-    assert sum(int(np.prod(s)) for s in ours.values()) == 83_653_863
-    assert sum(int(np.prod(s)) for s in torch_shapes.values()) == 83_653_863
-    assert {keymap.flax_to_torch(p, s)[:2] for p, s in ours.items()} == set(torch_shapes.items())
+    ours = assert_full_size_mapping(reference, AutoencoderKL(config).abstract_params(), 83_653_863)
     for path in ("encoder/down_blocks_0/resnets_0/conv1/kernel", "encoder/mid_block/attentions_0/to_q/kernel",
                  "encoder/mid_block/attentions_0/group_norm/scale", "decoder/up_blocks_0/upsamplers_0/conv/kernel",
                  "quant_conv/kernel", "post_quant_conv/kernel", "encoder/conv_norm_out/scale"):

@@ -120,3 +120,26 @@ def micro_setup(height: int, width: int):
     added = {"text_embeds": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
              "time_ids": jnp.asarray([[float(height), float(width), 0.0]] * 2, jnp.float32)}
     return unet, params, (latents, ehs, added), dj.make_scheduler("ddim", sdxl_scheduler_config())
+
+
+def assert_full_size_mapping(torch_model, abstract_params, count: int) -> dict:
+    """Every key and shape of a (meta-device) torch model maps onto our abstract parameters and back.
+
+    Returns our {Flax path: shape}. `count` is the published parameter count both must have.
+    """
+    from distrifusion_jax import keymap
+
+    torch_shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in keymap.flatten(abstract_params).items()}
+    mapped = {}
+    for key, shape in torch_shapes.items():
+        path, flax_shape, _ = keymap.torch_to_flax(key, shape)
+        mapped[path] = flax_shape
+    assert sorted(set(mapped) - set(ours)) == []  # nothing in the checkpoint we would drop
+    assert sorted(set(ours) - set(mapped)) == []  # nothing we need that the checkpoint lacks
+    assert {k: v for k, v in mapped.items() if ours[k] != v} == {}
+    assert sum(int(np.prod(s)) for s in ours.values()) == count
+    assert sum(int(np.prod(s)) for s in torch_shapes.values()) == count
+    # and the inverse map gives back the checkpoint's key and shape of every parameter
+    assert {keymap.flax_to_torch(p, s)[:2] for p, s in ours.items()} == set(torch_shapes.items())
+    return ours
