@@ -397,14 +397,14 @@ def measure_overhead(dc: DistriConfig, setup: Setup, args) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from .denoise import Denoiser
-    from .parallel import CFG, PATCH, PatchPlan
+    from .parallel import CFG, PATCH
 
     d = Denoiser(setup.unet, dc, setup.scheduler, args.steps, guidance_scale=args.guidance_scale)
     if d.mesh is None or d.patches == 1:
         return {"skipped": "one band per device group: nothing is displaced"}
     params, lat, ehs, added = placed(d, setup)
     t = d.timesteps[d.num_steps // 2]
-    plain, displaced = d.model(None), d.model(PatchPlan("displaced", dc.mode))
+    plain, displaced = d.model(None), d.model(d.plan("displaced"))
     batch, band, state = (P(CFG) if d.cfg_size == 2 else P()), P(None, PATCH), P((CFG, PATCH))
     shard = lambda fn, specs, out: jax.jit(jax.shard_map(fn, mesh=d.mesh, in_specs=specs, out_specs=out))
     naive = shard(lambda p, x, e, a: d.eps(plain, p, None, x, t, e, a)[0], (P(), band, batch, batch), band)

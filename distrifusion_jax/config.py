@@ -235,6 +235,8 @@ def to_diffusers_dict(config: UNetConfig) -> dict:
 PARALLELISMS = ("patch", "naive_patch", "tensor")
 SPLIT_SCHEMES = ("row", "col", "alternate")
 MODES = ("corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "full_sync", "no_sync")
+STALE_KV = ("kv", "hidden")
+STALE_KV_DTYPES = (None, "bfloat16", "float8_e4m3fn", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +254,15 @@ class DistriConfig:
       latter split by "row", "col" or "alternate" (rows on even steps, columns on odd); or "tensor"
       (heads and channels split, the reference's baseline: distrifusion_jax.parallel.tensor), which
       ignores mode, warmup_steps and split_scheme.
+    stale_kv: what each self-attention keeps for displaced steps and exchanges: "kv" (its K and V,
+      as distrifuser) or "hidden" (its input tokens, C channels instead of 2C: half the stale memory
+      and K/V communication; the whole image's K/V are projected from them every step with the
+      layer's to_k / to_v, which costs (P - 1) / P more of those projections' FLOPs per device).
+    stale_kv_dtype: how those tokens are stored and exchanged: None (the compute dtype),
+      "bfloat16", or "float8_e4m3fn" / "int8" (1 byte each, plus a float32 scale per token and head:
+      symmetric absmax quantisation before the all_gather, dequantised where read). Synchronous
+      (warmup) steps still attend to the exact tokens; only what is kept for the next step is
+      encoded. A device's own band is always fresh and exact.
     One device means the plain single-device loop, whatever the other fields say.
     Constructing it has no side effects: no devices are touched until `resolve_devices()`.
     """
@@ -265,10 +276,17 @@ class DistriConfig:
     mode: str = "corrected_async_gn"
     parallelism: str = "patch"
     split_scheme: str = "row"
+    stale_kv: str = "kv"
+    stale_kv_dtype: Optional[str] = None
 
     def __post_init__(self):
+        if not isinstance(self.stale_kv_dtype, (str, type(None))):
+            raise ConfigError(f"stale_kv_dtype={self.stale_kv_dtype!r} must be given by name: one of "
+                              f"{_fmt_allowed(STALE_KV_DTYPES)}")
         for name, value, allowed in (("mode", self.mode, MODES), ("parallelism", self.parallelism, PARALLELISMS),
-                                     ("split_scheme", self.split_scheme, SPLIT_SCHEMES)):
+                                     ("split_scheme", self.split_scheme, SPLIT_SCHEMES),
+                                     ("stale_kv", self.stale_kv, STALE_KV),
+                                     ("stale_kv_dtype", self.stale_kv_dtype, STALE_KV_DTYPES)):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}: use one of {_fmt_allowed(allowed)}")
         for name in ("height", "width"):

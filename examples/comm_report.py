@@ -4,6 +4,7 @@
     python examples/comm_report.py --tiny               # a tiny SDXL-shaped UNet, seconds
     python examples/comm_report.py --config path/to/unet/config.json --sizes 1024 768x1344 \\
         --devices 2 4 --cfg-split both --dtype float16 --json report.json
+    python examples/comm_report.py --sizes 3840 --devices 8 --stale-kv hidden --stale-kv-dtype int8
 
 Abstract evaluation only (jax.eval_shape / jit tracing and lowering with ShapeDtypeStruct parameters):
 no weights, no data, no compilation; fake CPU devices stand in for the mesh.
@@ -16,7 +17,7 @@ import time
 import jax
 
 import distrifusion_jax as dj
-from distrifusion_jax.config import MODES
+from distrifusion_jax.config import MODES, STALE_KV, STALE_KV_DTYPES
 
 # The smallest SDXL-shaped UNet: DownBlock2D + a cross-attention level, text_time micro-conditioning.
 TINY = {
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                    help="activation and parameter dtype (default bfloat16)")
     p.add_argument("--mode", default="corrected_async_gn", choices=MODES, help="DistriConfig mode")
     p.add_argument("--batch", type=int, default=1, help="images per prompt batch (default 1)")
+    p.add_argument("--stale-kv", default="kv", choices=STALE_KV, help="DistriConfig stale_kv (default kv)")
+    p.add_argument("--stale-kv-dtype", choices=[d for d in STALE_KV_DTYPES if d],
+                   help="DistriConfig stale_kv_dtype (default: the activation dtype)")
     p.add_argument("--json", help="also write the numbers (bytes, FLOPs) to this JSON file")
     return p.parse_args(argv)
 
@@ -70,7 +74,8 @@ def main(argv=None):
     progress = lambda r: print(f"  {r['width']}x{r['height']} N={r['devices']} "
                                f"{'split' if r['cfg_split'] else 'no split'}: {time.perf_counter() - start:.1f} s",
                                flush=True)
-    rows = report(config, sizes, args.devices, splits, args.dtype, args.mode, args.batch, progress=progress)
+    rows = report(config, sizes, args.devices, splits, args.dtype, args.mode, args.batch, progress=progress,
+                  stale_kv=args.stale_kv, stale_kv_dtype=args.stale_kv_dtype)
     print()
     print(format_table(rows, name))
     print(f"\n{len(rows)} configurations in {time.perf_counter() - start:.1f} s (abstract evaluation, "

@@ -139,6 +139,26 @@ def test_float32_and_separate_gn():
     assert row["collectives_match"]
 
 
+@pytest.mark.parametrize("stale_kv, stale_kv_dtype", [("hidden", None), ("kv", "int8"), ("hidden", "int8")])
+def test_stale_kv_options_shrink_kv_bytes(model, rows, stale_kv, stale_kv_dtype):
+    """K/V bytes (exchange and state) follow the options' shapes; the reference's stay those of bf16 K and V."""
+    unet, params = model
+    row = R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, 4, False, stale_kv=stale_kv, stale_kv_dtype=stale_kv_dtype),
+                    unet, params, with_flops=False)
+    default = rows[4, False]
+    kv = default["ours"]["received"]["kv"]  # bf16 K and V: 2 bytes per element
+    head_dim = 8  # both attention levels: 16 channels in 2 heads
+    elements = kv // 2 // (2 if stale_kv == "hidden" else 1)  # hidden: C per token instead of 2 C
+    scales = 0 if stale_kv_dtype is None else 4 * elements // (16 if stale_kv == "hidden" else head_dim)
+    expect = elements * (2 if stale_kv_dtype is None else 1) + scales
+    assert row["ours"]["received"]["kv"] == expect
+    assert row["ours"]["stale_bytes"] - default["ours"]["stale_bytes"] == (expect - kv) * 4 // 3  # P / (P - 1)
+    assert {k: v for k, v in row["ours"]["received"].items() if k not in ("kv", "total")} == {
+        k: v for k, v in default["ours"]["received"].items() if k not in ("kv", "total")}
+    assert row["reference"] == default["reference"]
+    assert row["collectives_match"]
+
+
 def test_border_bands_exchange_less(rows):
     row = rows[4, False]
     first, second, third, last = row["ours"]["total_by_band"]

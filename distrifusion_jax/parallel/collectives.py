@@ -26,11 +26,14 @@ def halo_rows(x, pad: int, axis: str):
 
 
 def gather_tokens(x, axis: str):
-    """All bands' tokens in image order: x [B, T, N, Hd] -> [B, P * T, N, Hd] (an all_gather).
+    """All bands' tokens in image order: x [B, T, ...] -> [B, P * T, ...] (an all_gather).
 
     Band i holds rows i*h .. (i+1)*h - 1, whose row-major tokens are contiguous, so concatenating
-    the bands along tokens gives the whole image's row-major token order.
-    Bytes received per device: (P - 1) * B * T * N * Hd * itemsize.
+    the bands along tokens gives the whole image's row-major token order. x is K or V [B, T, N, Hd],
+    attention input tokens [B, T, C] (stale_kv="hidden"), or their encoded values and float32 scales
+    [B, T, ..., 1] (stale_kv_dtype, parallel/compress.py).
+    Bytes received per device: (P - 1) * x.size * itemsize (K/V: (P - 1) * B * T * N * Hd * itemsize;
+    int8 or float8 with scales: (P - 1) * B * T * N * (Hd + 4)).
     """
     return lax.all_gather(x, axis, axis=1, tiled=True)
 

@@ -13,21 +13,34 @@ decides from the step's phase and the DistriConfig mode how the layer gets the o
 
 State lives in the Flax variable collection "stale": per conv `halo` [B, 2 pad, W, C], per
 self-attention `k`, `v` [B, P T, N, Hd], per GroupNorm `stats` [P, B, G, 2] (float32).
+
+Two options shrink the self-attention state (and its exchange), the largest part by far:
+`stale_kv="hidden"` keeps the attention's input tokens `hidden` [B, P T, C] instead of K and V
+(half the bytes) and projects the whole image's K/V from them with the layer's own to_k / to_v
+every step (the stale tokens give exactly the stale K/V: the weights do not change); and
+`stale_kv_dtype` stores them narrower (`compress`: bfloat16, or float8 / int8 with a float32
+`<name>_scale` [B, P T, ..., 1] per token and head), encoded before the all_gather. A synchronous
+step still attends to the exact exchanged tokens and only stores them encoded; a displaced step
+reads the decoded state with this band's own tokens exact (fresh).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from . import collectives as C
+from . import compress
 from .mesh import PATCH
 
 STALE = "stale"  # the Flax variable collection of the stale state
 MODES = ("corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "full_sync", "no_sync")
 PHASES = ("sync", "displaced")
+STALE_KV = ("kv", "hidden")  # what a self-attention keeps and exchanges: its K and V, or its input tokens
 
 # mode -> (conv and attention behaviour, GroupNorm behaviour) in displaced steps
 DISPLACED_BEHAVIOUR = {
@@ -42,7 +55,7 @@ DISPLACED_BEHAVIOUR = {
 
 @dataclasses.dataclass(frozen=True)
 class PatchPlan:
-    """Static description of one step: phase ("sync" | "displaced") and DistriConfig mode.
+    """Static description of one step: phase ("sync" | "displaced"), DistriConfig mode and stale K/V options.
 
     `exact` holds module paths that always exchange synchronously and keep no state: conv_in, whose
     input is the latent itself (the reference replicates the latent; we shard it, so its one halo
@@ -56,10 +69,15 @@ class PatchPlan:
     # > 0: compute of one band out of `emulate`, on one device without a mesh: every exchange is left
     # out and the state is only read (benchmarks of a displaced step's compute, not for generation)
     emulate: int = 0
+    stale_kv: str = "kv"  # "kv" | "hidden": see the module docstring
+    stale_kv_dtype: Optional[str] = None  # None (the compute dtype) | "bfloat16" | "float8_e4m3fn" | "int8"
 
     def __post_init__(self):
         if self.phase not in PHASES or self.mode not in MODES:
             raise ValueError(f"PatchPlan: phase {self.phase!r} / mode {self.mode!r} not in {PHASES} / {MODES}")
+        if self.stale_kv not in STALE_KV or self.stale_kv_dtype not in compress.DTYPES:
+            raise ValueError(f"PatchPlan: stale_kv {self.stale_kv!r} / stale_kv_dtype {self.stale_kv_dtype!r} "
+                             f"not in {STALE_KV} / {compress.DTYPES}")
         if self.emulate and self.phase != "displaced":
             raise ValueError("PatchPlan: emulate needs the displaced phase (a sync step cannot skip its exchange)")
 
@@ -97,21 +115,43 @@ class PatchPlan:
         return jnp.concatenate([top, x, bottom], axis=1)
 
     # ---- self-attention ----
-    def self_attention_kv(self, module, k, v):
-        """Local k, v [B, T, N, Hd] -> the whole image's [B, P T, N, Hd]."""
-        shape = (k.shape[0], self.bands() * k.shape[1]) + k.shape[2:]
-        k_state = module.variable(STALE, "k", jnp.zeros, shape, k.dtype)
-        v_state = module.variable(STALE, "v", jnp.zeros, shape, v.dtype)
+    def self_attention_kv(self, module, x, project):
+        """This band's input tokens x [B, T, D] -> the whole image's k, v [B, P T, N, Hd].
+
+        `project(tokens [B, S, D]) -> (k, v) [B, S, N, Hd]` is the layer's to_k / to_v. "kv" projects
+        this band and exchanges K and V; "hidden" exchanges the input tokens and projects all of them.
+        """
+        if self.stale_kv == "hidden":
+            return project(self.whole_image_tokens(module, "hidden", x))
+        k, v = project(x)
+        return self.whole_image_tokens(module, "k", k), self.whole_image_tokens(module, "v", v)
+
+    def whole_image_tokens(self, module, name, local):
+        """This band's tokens local [B, T, ...] -> the whole image's [B, P T, ...], kept in state `name`.
+
+        sync: this step's all_gather (exact), stored encoded; displaced / frozen: the decoded state
+        with this band's slice replaced by `local`, and (displaced) this step's encoded tokens
+        all-gathered into the state.
+        """
+        encode = lambda a: compress.encode(a, self.stale_kv_dtype)
+        whole = jax.ShapeDtypeStruct((local.shape[0], self.bands() * local.shape[1]) + local.shape[2:], local.dtype)
+        values, scale = (None if s is None else module.variable(STALE, name + suffix, jnp.zeros, s.shape, s.dtype)
+                         for s, suffix in zip(jax.eval_shape(encode, whole), ("", "_scale")))
+
+        def store(encoded):
+            values.value = encoded[0]
+            if scale is not None:
+                scale.value = encoded[1]
+
         if self.spatial == "sync":
-            k_state.value, v_state.value = C.gather_tokens(k, self.axis), C.gather_tokens(v, self.axis)
-            return k_state.value, v_state.value
-        # displaced and frozen: other bands from the state, this band's fresh K/V in its own slice
-        index = 0 if self.emulate else None
-        k_full = C.replace_own_tokens(k_state.value, k, self.axis, index)
-        v_full = C.replace_own_tokens(v_state.value, v, self.axis, index)
+            full = C.gather_tokens(local, self.axis)
+            store(encode(full))  # per-token encoding: the same as gathering the encoded bands
+            return full
+        stale = compress.decode(values.value, None if scale is None else scale.value, local.dtype)
+        full = C.replace_own_tokens(stale, local, self.axis, 0 if self.emulate else None)
         if self.spatial == "displaced" and not self.emulate:
-            k_state.value, v_state.value = C.gather_tokens(k, self.axis), C.gather_tokens(v, self.axis)
-        return k_full, v_full
+            store(jax.tree.map(lambda a: C.gather_tokens(a, self.axis), encode(local)))
+        return full
 
     # ---- GroupNorm ----
     def group_norm_stats(self, module, mean, var):

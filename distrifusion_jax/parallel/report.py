@@ -17,14 +17,17 @@ from .mesh import CFG, PATCH
 from .plan import PatchPlan
 
 KINDS = ("halo", "kv", "gn", "cfg")  # "cfg": our CFG exchange; the reference's per-step output all-gather
-STATE_KINDS = {"halo": "halo", "k": "kv", "v": "kv", "stats": "gn"}  # stale leaf name -> layer type
+# stale leaf name -> layer type ("hidden": stale_kv="hidden"; "*_scale": stale_kv_dtype float8 / int8)
+STATE_KINDS = {"halo": "halo", "stats": "gn", **{name + suffix: "kv" for name in ("k", "v", "hidden")
+                                                for suffix in ("", "_scale")}}
 TEXT_TOKENS = 77  # CLIP prompt length
 SDXL_TIME_IDS = 6  # original size, crop top-left, target size
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One configuration to report: model, image size in pixels, device count, CFG split, dtype, mode."""
+    """One configuration to report: model, image size in pixels, device count, CFG split, dtype, mode,
+    and the stale K/V options (DistriConfig.stale_kv, stale_kv_dtype)."""
 
     config: UNetConfig
     height: int
@@ -34,11 +37,13 @@ class Case:
     dtype: str = "bfloat16"
     mode: str = "corrected_async_gn"
     batch: int = 1
+    stale_kv: str = "kv"
+    stale_kv_dtype: Optional[str] = None
 
     def distri_config(self, devices: Optional[int] = None) -> DistriConfig:
         """The DistriConfig of this case (guidance on), for `devices` devices (default: the case's)."""
-        return DistriConfig(self.height, self.width, devices=devices or self.devices,
-                            split_batch=self.cfg_split, mode=self.mode)
+        return DistriConfig(self.height, self.width, devices=devices or self.devices, split_batch=self.cfg_split,
+                            mode=self.mode, stale_kv=self.stale_kv, stale_kv_dtype=self.stale_kv_dtype)
 
 
 # ---- abstract model and inputs ----
@@ -89,7 +94,7 @@ def trace_displaced_step(denoiser, params, inputs):
     latents, ehs, added = inputs
     d, seen = denoiser, {}
     # as in the loop: with one band per device group nothing is exchanged and no state is kept
-    unet = d.model(PatchPlan("displaced", d.config.mode) if d.patches > 1 else None)
+    unet = d.model(d.plan("displaced") if d.patches > 1 else None)
     t = d.timesteps[0]
 
     def local(p, x, e, a):  # runs at trace time with this device's shapes
@@ -164,7 +169,8 @@ def ours_per_device(seen: dict, i: int, patches: int, cfg_size: int, mode: str) 
 
     halo: each conv's state [B, 2 pad, W, C] holds one `pad`-row slab per neighbour, moved by two
     ppermutes, plus conv_in's synchronous one-row halo of the latent band (no state);
-    kv: each K or V state [B, P T, N, Hd] is an all_gather of P - 1 other slices;
+    kv: each K or V state [B, P T, N, Hd] is an all_gather of P - 1 other slices (likewise the
+    `hidden` tokens of stale_kv="hidden" and the scales of stale_kv_dtype float8 / int8);
     gn: each stats state [P, B, G, 2] f32 likewise; cfg: the noise prediction [B, h, W, C] from the
     other guidance half.
     """
@@ -179,7 +185,8 @@ def ours_per_device(seen: dict, i: int, patches: int, cfg_size: int, mode: str) 
 
 
 def reference_per_device(seen: dict, patches: int, devices: int, mode: str) -> dict:
-    """distrifuser's bytes received per device in one displaced step, from the same state shapes.
+    """distrifuser's bytes received per device in one displaced step, from the same state shapes
+    (those of the default stale K/V options: K and V in the compute dtype).
 
     Its design (modules/pp/*.py, models/distri_sdxl_unet_pp.py): each conv's boundary rows
     [2, B, C, pad, W] are all-gathered from all P bands (conv_in none: the latent is replicated),
@@ -257,7 +264,8 @@ def analyze(case: Case, unet=None, params=None, baseline: Optional[float] = None
     if unet is None:
         unet, params = abstract_model(case.config, case.dtype)
     row = dict(height=case.height, width=case.width, devices=case.devices, cfg_split=case.cfg_split,
-               dtype=case.dtype, mode=case.mode, batch=case.batch)
+               dtype=case.dtype, mode=case.mode, batch=case.batch, stale_kv=case.stale_kv,
+               stale_kv_dtype=case.stale_kv_dtype)
     try:
         d = make_denoiser(unet, case)
     except ConfigError as e:
@@ -266,7 +274,11 @@ def analyze(case: Case, unet=None, params=None, baseline: Optional[float] = None
     p, g = d.patches, d.cfg_size
     per_band = [ours_per_device(seen, i, p, g, case.mode) for i in range(p)]
     busiest = max(range(p), key=lambda i: sum(per_band[i].values()))
-    ours, ref = per_band[busiest], reference_per_device(seen, p, case.devices, case.mode)
+    # the reference keeps K and V in the activation dtype whatever our stale K/V options are
+    default = dataclasses.replace(case, stale_kv="kv", stale_kv_dtype=None)
+    seen_ref = seen if case == default else trace_displaced_step(make_denoiser(unet, default), params,
+                                                                 abstract_inputs(case))[1]
+    ours, ref = per_band[busiest], reference_per_device(seen_ref, p, case.devices, case.mode)
     found = collectives(traced.jaxpr)
     check = all(collective_bytes(found, {CFG: c, PATCH: i}) == (sum(per_band[i].values()),) * 2
                 for c in range(g) for i in range(p))
@@ -280,7 +292,7 @@ def analyze(case: Case, unet=None, params=None, baseline: Optional[float] = None
                           total_by_band=[sum(v.values()) for v in per_band],
                           stale_bytes=sum(nbytes(a) for a in jax.tree.leaves(seen["state"]))),
                 reference=dict(received=_with_total(ref), sent=_with_total(ref),
-                               stale_bytes=reference_stale_bytes(seen, p)),
+                               stale_bytes=reference_stale_bytes(seen_ref, p)),
                 collectives_match=check)
 
 
@@ -289,7 +301,8 @@ def _with_total(v: dict) -> dict:
 
 
 def report(config: UNetConfig, sizes, devices, cfg_splits=(True,), dtype="bfloat16",
-           mode="corrected_async_gn", batch: int = 1, progress=None) -> list:
+           mode="corrected_async_gn", batch: int = 1, progress=None, stale_kv: str = "kv",
+           stale_kv_dtype: Optional[str] = None) -> list:
     """Rows of `analyze` for every (size, cfg split, device count); sizes are (height, width) pixels."""
     unet, params = abstract_model(config, dtype)
     rows = []
@@ -297,7 +310,7 @@ def report(config: UNetConfig, sizes, devices, cfg_splits=(True,), dtype="bfloat
         baseline = None
         for split in cfg_splits:
             for n in devices:
-                case = Case(config, height, width, n, split, dtype, mode, batch)
+                case = Case(config, height, width, n, split, dtype, mode, batch, stale_kv, stale_kv_dtype)
                 if baseline is None:
                     baseline = single_device_flops(unet, params, case)
                 rows.append(analyze(case, unet, params, baseline))
@@ -359,7 +372,9 @@ def format_table(rows: list, model: str = "UNet") -> str:
         groups.setdefault((r["height"], r["width"], r["cfg_split"]), []).append(r)
     for (h, w, split), group in groups.items():
         r = group[0]
+        options = "" if (r.get("stale_kv", "kv"), r.get("stale_kv_dtype")) == ("kv", None) else (
+            f", stale {r['stale_kv']} in {r['stale_kv_dtype'] or r['dtype']}")
         out.append(f"{model}, {w}x{h} (latent {w // 8}x{h // 8}), batch {r['batch']}, {r['dtype']}, "
-                   f"{'CFG split' if split else 'no CFG split'}, mode {r['mode']}")
+                   f"{'CFG split' if split else 'no CFG split'}, mode {r['mode']}{options}")
         out += format_rows(group) + [""]
     return "\n".join(out + [NOTES])
