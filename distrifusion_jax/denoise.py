@@ -9,9 +9,10 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import DistriConfig
+from .distributed import global_array, is_global, spans_processes
 from .parallel import CFG, PATCH, STALE, PatchPlan, make_mesh, vary
 from .parallel import collectives as C
 from .parallel.tensor import TensorPlan
@@ -95,7 +96,9 @@ class Denoiser:
 
         With guidance, encoder_hidden_states and added_cond_kwargs are batched [uncond; cond] (2B).
         `guidance_scale` overrides the default without recompiling. The result stays row-sharded
-        over the mesh's patch axis (replicated under tensor parallelism).
+        over the mesh's patch axis (replicated under tensor parallelism). On a mesh spanning several
+        processes every process passes the same values (host or its own arrays; `place_global`) and
+        gets a global array back (`distributed.to_host` reads it).
         """
         self._check_inputs(latents, encoder_hidden_states)
         self._done = -1
@@ -103,9 +106,34 @@ class Denoiser:
         args = (params, latents, encoder_hidden_states, added_cond_kwargs, scale)
         if self.tensor is not None:  # parameters split over the tensor axis, the rest replicated
             args = self.tensor.place(*args)
+        elif self.mesh is not None and spans_processes(self.devices):
+            args = self.place_global(*args)
         return self._executable(*args)(*args)
 
+    def in_specs(self) -> tuple:
+        """PartitionSpecs of (params, latents, encoder_hidden_states, added_cond_kwargs, scale) on the mesh."""
+        batch_spec = P(CFG) if self.cfg_size == 2 else P()
+        return P(), P(None, PATCH), batch_spec, batch_spec, P()
+
+    def place_global(self, *args) -> tuple:
+        """Inputs as global arrays on a mesh that spans processes (jit takes no process-local data there).
+
+        Every process holds the same host values (same weights, prompts and seed); each places only
+        its own devices' slices. Leaves that already span processes (parameters replicated once by
+        the pipeline) are kept, so the compiled program's input placements stay the same.
+        """
+        def place(tree, spec):
+            sharding = NamedSharding(self.mesh, spec)
+            return jax.tree.map(lambda a: a if is_global(a) else global_array(a, sharding), tree)
+
+        return tuple(place(a, spec) for a, spec in zip(args, self.in_specs()))
+
     # ---- one noise prediction ----
+    def plan(self, phase: str) -> PatchPlan:
+        """The leaf-layer plan of a step phase ("sync" | "displaced") from the DistriConfig."""
+        c = self.config
+        return PatchPlan(phase, c.mode, stale_kv=c.stale_kv, stale_kv_dtype=c.stale_kv_dtype)
+
     def model(self, plan: Optional[PatchPlan]):
         """The UNet with the leaf-layer plan of a step phase (None: plain, no exchange)."""
         return self.unet.clone(parallel=plan)
@@ -162,9 +190,7 @@ class Denoiser:
             unet = self.model(None) if self.tensor is None else self.tensor.wrap(self.model(None))
             fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
             return self._loop(params, latents, ehs, added, scale, [(fn, 0, self.num_steps, None)])
-        batch_spec = P(CFG) if self.cfg_size == 2 else P()
-        local = shard_map_fn(self._local, self.mesh, in_specs=(P(), P(None, PATCH), batch_spec, batch_spec, P()),
-                             out_specs=P(None, PATCH))
+        local = shard_map_fn(self._local, self.mesh, in_specs=self.in_specs(), out_specs=P(None, PATCH))
         return local(params, latents, ehs, added, scale)
 
     def _local(self, params, latents, ehs, added, scale):
@@ -172,7 +198,7 @@ class Denoiser:
         c = self.config
         if c.parallelism == "naive_patch" or self.patches == 1:  # one band per device group: nothing to exchange
             return self._loop(params, latents, ehs, added, scale, [(self._naive_step, 0, self.num_steps, None)])
-        sync, displaced = self.model(PatchPlan("sync", c.mode)), self.model(PatchPlan("displaced", c.mode))
+        sync, displaced = self.model(self.plan("sync")), self.model(self.plan("displaced"))
         sync_fn = lambda p, s, x, t, e, a, i, g: self.eps(sync, p, s, x, t, e, a, g)
         disp_fn = lambda p, s, x, t, e, a, i, g: self.eps(displaced, p, s, x, t, e, a, g)
         stale_init = functools.partial(self.initial_stale, sync)

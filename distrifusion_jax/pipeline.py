@@ -17,7 +17,9 @@ from .cache import enable_compilation_cache
 from .config import DistriConfig, UNetConfig
 from .decode import Decoder
 from .denoise import Denoiser
+from .distributed import check_local_share, replicate, spans_processes, to_host
 from .errors import CheckpointError, DistriFusionError
+from .parallel import make_mesh
 from .prompts import PromptEncoder, as_list
 from .schedulers import make_scheduler, scheduler_from_config
 from .weights import load_text_encoder, load_unet
@@ -68,7 +70,7 @@ class DistriSDXLPipeline:
 
     def __init__(self, unet, unet_params, vae, vae_params, text_encoders, text_params, tokenizers,
                  scheduler_config: dict, distri_config: DistriConfig, force_zeros_for_empty_prompt: bool = True,
-                 scheduler: Optional[str] = None, parallel_decode: bool = True):
+                 scheduler: Optional[str] = None, parallel_decode: bool = True, decode_tile_rows=None):
         self.unet, self.unet_params = unet, unet_params
         self.vae, self.vae_params = vae, vae_params
         self.prompt_encoder = PromptEncoder(tokenizers, text_encoders, text_params)
@@ -79,22 +81,32 @@ class DistriSDXLPipeline:
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self._denoisers: dict = {}
         devices = distri_config.resolve_devices()
-        self.decoder = Decoder(vae, devices if parallel_decode else devices[:1])
+        self.decoder = Decoder(vae, devices if parallel_decode else devices[:1], tile_rows=decode_tile_rows)
+        if spans_processes(devices):  # several processes: weights placed once, replicated on all their devices
+            check_local_share(devices)
+            mesh = make_mesh(devices, 1)
+            self.unet_params, self.vae_params = replicate(unet_params, mesh), replicate(vae_params, mesh)
 
     # ---- loading ----
     @classmethod
     def from_pretrained(cls, path_or_hub_id, distri_config: Optional[DistriConfig] = None, dtype=jnp.bfloat16,
                         variant: Optional[str] = None, scheduler: Optional[str] = None, vae_dtype=None,
-                        attention_impl: Optional[str] = None, compilation_cache=None,
-                        parallel_decode: bool = True) -> "DistriSDXLPipeline":
+                        attention_impl: Optional[str] = None, vae_attention_impl: Optional[str] = None,
+                        compilation_cache=None,
+                        parallel_decode: bool = True, decode_tile_rows=None) -> "DistriSDXLPipeline":
         """Load a diffusers SDXL pipeline folder (or its fp16/bf16 variant, or our converted folder).
 
+        `attention_impl` (UNet) and `vae_attention_impl` (VAE): None (jax.nn.dot_product_attention's
+        choice), "xla", "cudnn", "chunked" (blockwise, bounded memory on any backend) or "auto" ("chunked"
+        for attentions whose scores would exceed 1 GiB; at 3840^2 the UNet's and the VAE's need it).
         `dtype`: UNet and text encoders; `vae_dtype`: default float32 when the VAE's config asks for
         `force_upcast` (SDXL's does), else `dtype`. `scheduler`: "ddim" | "euler" | "dpm-solver"
         overrides the class in scheduler/scheduler_config.json. `compilation_cache`: a directory for
         JAX's persistent compilation cache, or "off" (default: $DISTRIFUSION_JAX_CACHE, else
         ~/.cache/distrifusion-jax/xla), so a new process reuses compiled programs. `parallel_decode`:
         decode row-sharded over the DistriConfig's devices (exact; default) rather than on one device.
+        `decode_tile_rows`: where the decode runs on one device, decode in overlapping tiles of this many
+        latent rows one after another (memory of one tile; approximate, like diffusers' VAE tiling).
         """
         from transformers import CLIPTokenizer
 
@@ -115,7 +127,7 @@ class DistriSDXLPipeline:
         unet, unet_params = load_unet(root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl)
         vae_probe = json.loads((root / "vae" / "config.json").read_text())
         vae_dtype = vae_dtype or (jnp.float32 if vae_probe.get("force_upcast", True) else dtype)
-        vae, vae_params = load_vae(root / "vae", dtype=vae_dtype, variant=variant)
+        vae, vae_params = load_vae(root / "vae", dtype=vae_dtype, variant=variant, attention_impl=vae_attention_impl)
         encoders, text_params = [], []
         for name in ("text_encoder", "text_encoder_2"):
             model, params = load_text_encoder(root / name, dtype=dtype, variant=variant)
@@ -127,7 +139,7 @@ class DistriSDXLPipeline:
             raise CheckpointError(f"{sched_path} is missing")
         return cls(unet, unet_params, vae, vae_params, encoders, text_params, tokenizers,
                    json.loads(sched_path.read_text()), distri_config,
-                   index.get("force_zeros_for_empty_prompt", True), scheduler, parallel_decode)
+                   index.get("force_zeros_for_empty_prompt", True), scheduler, parallel_decode, decode_tile_rows)
 
     def scheduler_for(self, name: Optional[str] = None):
         name = name or self.default_scheduler
@@ -155,7 +167,9 @@ class DistriSDXLPipeline:
 
         `latents`: diffusers' layout (B, 4, H/8, W/8) and semantics (unit noise, multiplied here by the
         scheduler's initial sigma), so a diffusers image can be reproduced exactly. `progress(i, n)`
-        is called as denoising steps complete.
+        is called as denoising steps complete. In a multi-process run (`distributed.initialize`) every
+        process calls this with the same arguments and gets the same images (gathered from the
+        global mesh; only process 0 needs to use them).
         """
         if output_type not in ("pil", "np", "latent"):
             raise DistriFusionError(f"unknown output_type {output_type!r}: use 'pil', 'np' or 'latent'")
@@ -194,10 +208,10 @@ class DistriSDXLPipeline:
         timings["denoise_s"] = time.perf_counter() - t0 - d.last_compile_s
         timings["compiled"] = d.last_compile_s > 0
         if output_type == "latent":
-            return PipelineOutput(np.asarray(out).transpose(0, 3, 1, 2), timings)
+            return PipelineOutput(to_host(out).transpose(0, 3, 1, 2), timings)
 
         t0 = time.perf_counter()
-        image = np.asarray(self.decoder(self.vae_params, out / self.vae.config.scaling_factor), np.float32)
+        image = np.asarray(to_host(self.decoder(self.vae_params, out / self.vae.config.scaling_factor)), np.float32)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         timings["decode_s"] = time.perf_counter() - t0
         if output_type == "np":

@@ -63,3 +63,18 @@ def test_compilation_cache_is_written_and_reused(tiny_pipeline, tmp_path):
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     assert any(p.name.startswith("jit__run") for p in (tmp_path / "cache").iterdir())
+
+
+def test_memory_options_reach_the_pipeline(tiny_pipeline, tmp_path):
+    """Stale-state and attention options change nothing in a fully synchronous run (they only touch what is
+    kept for displaced steps, and chunked attention is exact), and bad values are rejected in one line."""
+    common = ("generate", "--model", tiny_pipeline, "--prompt", "a red cube", "--height", 128, "--width", 128,
+              "--steps", 2, "--warmup-steps", 2, "--devices", 4, "--dtype", "float32", "--no-progress")
+    plain = cli(*common, "--output", tmp_path / "plain.png")
+    small = cli(*common, "--output", tmp_path / "small.png", "--stale-kv", "hidden", "--stale-kv-dtype", "int8",
+                "--attention", "chunked", "--vae-attention", "chunked")
+    assert plain.returncode == 0 and small.returncode == 0, plain.stderr + small.stderr
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.int16) for n in ("plain", "small"))
+    assert a.std() > 0 and np.abs(a - b).max() <= 1
+    bad = cli(*common, "--stale-kv-dtype", "int4")
+    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
