@@ -45,8 +45,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     mem.add_argument("--attention", default=None, choices=["xla", "cudnn", "chunked", "auto"],
                      help="UNet attention kernel (default: JAX's choice); 'chunked' computes blockwise with bounded "
                           "memory on any backend, 'auto' only where the scores would exceed 1 GiB")
-    mem.add_argument("--vae-attention", default=None, choices=["xla", "cudnn", "chunked", "auto"],
-                     help="the VAE mid-block's attention kernel (same choices; 'auto' or 'chunked' from 2048^2 up)")
+    mem.add_argument("--vae-attention", default="auto", choices=["xla", "cudnn", "chunked", "auto"],
+                     help="the VAE mid-block's attention kernel (same choices; default 'auto': chunked where "
+                          "the scores would exceed 1 GiB, from 2048^2 up)")
     mem.add_argument("--stale-kv", default="kv", choices=["kv", "hidden"],
                      help="what displaced steps keep and exchange per self-attention: K and V, or the input "
                           "tokens (half the memory and traffic, K/V projected again each step)")

@@ -91,14 +91,17 @@ class DistriSDXLPipeline:
     @classmethod
     def from_pretrained(cls, path_or_hub_id, distri_config: Optional[DistriConfig] = None, dtype=jnp.bfloat16,
                         variant: Optional[str] = None, scheduler: Optional[str] = None, vae_dtype=None,
-                        attention_impl: Optional[str] = None, vae_attention_impl: Optional[str] = None,
+                        attention_impl: Optional[str] = None, vae_attention_impl: Optional[str] = "auto",
                         compilation_cache=None,
                         parallel_decode: bool = True, decode_tile_rows=None) -> "DistriSDXLPipeline":
         """Load a diffusers SDXL pipeline folder (or its fp16/bf16 variant, or our converted folder).
 
         `attention_impl` (UNet) and `vae_attention_impl` (VAE): None (jax.nn.dot_product_attention's
         choice), "xla", "cudnn", "chunked" (blockwise, bounded memory on any backend) or "auto" ("chunked"
-        for attentions whose scores would exceed 1 GiB; at 3840^2 the UNet's and the VAE's need it).
+        for attentions whose scores would exceed 1 GiB; at 3840^2 the UNet's and the VAE's need it). The
+        VAE defaults to "auto": its one-head mid-block attention over every latent pixel would otherwise
+        store 17 GB of scores at 2048^2 and 212 GB at 3840^2 (the UNet's default stays None; on GPU
+        pass "cudnn" for speed, "chunked" or "auto" for memory).
         `dtype`: UNet and text encoders; `vae_dtype`: default float32 when the VAE's config asks for
         `force_upcast` (SDXL's does), else `dtype`. `scheduler`: "ddim" | "euler" | "dpm-solver"
         overrides the class in scheduler/scheduler_config.json. `compilation_cache`: a directory for
