@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 import distrifusion_jax as dj
 from distrifusion_jax.parallel import CFG, PATCH, PatchPlan
 from jaxpr_taint import output_taints, shard_map_body
-from tiny import SDXL_MICRO, micro_setup, rel_l2, sdxl_scheduler_config
+from tiny import SDXL_MICRO, loop_runner, micro_setup, rel_l2, sdxl_scheduler_config
 
 HEIGHT, WIDTH = 128, 192  # latents 16 x 24: non-square, 8 bands of 2 rows (1 row at the lower level)
 EXACT = 1e-5  # float32 relative L2 tolerance for synchronous parallelism vs one device
@@ -21,18 +21,7 @@ def setup():
     return micro_setup(HEIGHT, WIDTH)
 
 
-_cache = {}
-
-
-def run(setup, steps=4, **config):
-    """Final latents of a loop (cached per configuration within the module)."""
-    key = (steps, tuple(sorted(config.items())))
-    if key not in _cache:
-        unet, params, inputs, sched = setup
-        denoise = dj.make_denoise_fn(unet, dj.DistriConfig(HEIGHT, WIDTH, **config), sched,
-                                     num_inference_steps=steps, guidance_scale=5.0)
-        _cache[key] = np.asarray(denoise(params, *inputs))
-    return _cache[key]
+run = loop_runner(HEIGHT, WIDTH)  # final latents of a loop, cached per configuration within the module
 
 
 @pytest.mark.parametrize("devices, split_batch", [(2, True), (2, False), (4, True), (4, False), (8, True),

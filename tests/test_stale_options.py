@@ -15,7 +15,7 @@ import distrifusion_jax as dj
 from distrifusion_jax.parallel import CFG, PATCH, compress
 from distrifusion_jax.parallel import report as R
 from jaxpr_taint import output_taints, shard_map_body
-from tiny import SDXL_MICRO, micro_setup, rel_l2
+from tiny import SDXL_MICRO, loop_runner, micro_setup, rel_l2
 
 HEIGHT, WIDTH = 128, 192  # as tests/test_patch_parallel.py: 8 devices, CFG split, 4 bands
 EXACT = 1e-5
@@ -33,17 +33,7 @@ def setup():
     return micro_setup(HEIGHT, WIDTH)
 
 
-_cache = {}
-
-
-def run(setup, steps, **config):
-    key = (steps, tuple(sorted(config.items())))
-    if key not in _cache:
-        unet, params, inputs, sched = setup
-        denoise = dj.make_denoise_fn(unet, dj.DistriConfig(HEIGHT, WIDTH, **config), sched,
-                                     num_inference_steps=steps, guidance_scale=5.0)
-        _cache[key] = np.asarray(denoise(params, *inputs))
-    return _cache[key]
+run = loop_runner(HEIGHT, WIDTH)  # final latents of a loop, cached per configuration within the module
 
 
 @pytest.mark.parametrize("name", OPTIONS)

@@ -143,3 +143,22 @@ def assert_full_size_mapping(torch_model, abstract_params, count: int) -> dict:
     # and the inverse map gives back the checkpoint's key and shape of every parameter
     assert {keymap.flax_to_torch(p, s)[:2] for p, s in ours.items()} == set(torch_shapes.items())
     return ours
+
+
+def loop_runner(height: int, width: int):
+    """`run(setup, steps=4, **distri_config_fields)` -> the final latents of a denoising loop on a
+    `micro_setup` model at this size, cached per configuration (tests compare many runs pairwise)."""
+    import distrifusion_jax as dj
+
+    cache = {}
+
+    def run(setup, steps=4, **config):
+        key = (steps, tuple(sorted(config.items())))
+        if key not in cache:
+            unet, params, inputs, sched = setup
+            denoise = dj.make_denoise_fn(unet, dj.DistriConfig(height, width, **config), sched,
+                                         num_inference_steps=steps, guidance_scale=5.0)
+            cache[key] = np.asarray(denoise(params, *inputs))
+        return cache[key]
+
+    return run
