@@ -20,8 +20,7 @@ def tile_starts(height: int, tile: int, overlap: int) -> list[int]:
     if tile >= height:
         return [0]
     stride = tile - overlap
-    starts = list(range(0, height - tile, stride)) + [height - tile]
-    return starts
+    return list(range(0, height - tile, stride)) + [height - tile]
 
 
 def blend_weights(starts: list[int], tile: int, height: int, scale: int) -> np.ndarray:
@@ -63,10 +62,8 @@ def tiled(decode, z, tile: int, overlap: int, scale: int):
     images = lax.map(decode, tiles)  # [n, B, scale tile, scale w, 3], decoded one tile at a time
     weights = jnp.asarray(blend_weights(starts, tile, h, scale))
     out = jnp.zeros(images.shape[1:2] + (scale * h,) + images.shape[3:], jnp.float32)
-    for i, s in enumerate(starts):
-        part = images[i].astype(jnp.float32) * weights[i][None, :, None, None]
-        out = lax.dynamic_update_slice_in_dim(out, lax.dynamic_slice_in_dim(out, scale * s, scale * tile, 1) + part,
-                                              scale * s, axis=1)
+    for i, s in enumerate(starts):  # static offsets
+        out = out.at[:, scale * s: scale * (s + tile)].add(images[i].astype(jnp.float32) * weights[i][:, None, None])
     return out.astype(images.dtype)
 
 

@@ -12,7 +12,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import DistriConfig
-from .distributed import global_array, is_global, spans_processes
+from .distributed import place, spans_processes
 from .parallel import CFG, PATCH, STALE, PatchPlan, make_mesh, vary
 from .parallel import collectives as C
 from .parallel.tensor import TensorPlan
@@ -122,11 +122,7 @@ class Denoiser:
         its own devices' slices. Leaves that already span processes (parameters replicated once by
         the pipeline) are kept, so the compiled program's input placements stay the same.
         """
-        def place(tree, spec):
-            sharding = NamedSharding(self.mesh, spec)
-            return jax.tree.map(lambda a: a if is_global(a) else global_array(a, sharding), tree)
-
-        return tuple(place(a, spec) for a, spec in zip(args, self.in_specs()))
+        return tuple(place(a, NamedSharding(self.mesh, spec)) for a, spec in zip(args, self.in_specs()))
 
     # ---- one noise prediction ----
     def plan(self, phase: str) -> PatchPlan:

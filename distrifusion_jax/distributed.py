@@ -260,10 +260,15 @@ def global_array(host, sharding) -> jax.Array:
     return jax.make_array_from_callback(tuple(host.shape), sharding, lambda index: host[index])
 
 
-def replicate(tree, mesh):
-    """Every leaf of `tree` replicated on all devices of `mesh` (leaves already spanning processes kept)."""
-    sharding = NamedSharding(mesh, PartitionSpec())
+def place(tree, sharding):
+    """Every leaf of `tree` as a global array with `sharding` (leaves already spanning processes kept, so
+    values placed once, such as the weights, keep their placement and compiled programs still match)."""
     return jax.tree.map(lambda a: a if is_global(a) else global_array(a, sharding), tree)
+
+
+def replicate(tree, mesh):
+    """Every leaf of `tree` replicated on all devices of `mesh`."""
+    return place(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def is_global(x) -> bool:
@@ -271,8 +276,8 @@ def is_global(x) -> bool:
     return isinstance(x, jax.Array) and not x.is_fully_addressable
 
 
-def to_host(x, main_only: bool = False):
-    """numpy value of `x` on every process (with `main_only`, None except on process 0).
+def to_host(x):
+    """numpy value of `x` on every process.
 
     An array spanning processes is gathered (`process_allgather`); every process must call this
     for it then, in the same order, as for any collective. Otherwise it is `np.asarray(x)`.
@@ -280,10 +285,8 @@ def to_host(x, main_only: bool = False):
     if is_global(x):
         from jax.experimental import multihost_utils
 
-        out = np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    else:
-        out = np.asarray(x)
-    return out if not main_only or is_main_process() else None
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def local_copy(tree, device):
