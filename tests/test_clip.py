@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from tiny import rel_l2
+from tiny import perturbed, rel_l2
 from transformers import CLIPTextConfig as TorchConfig
 from transformers import CLIPTextModel as TorchCLIPText
 from transformers import CLIPTextModelWithProjection as TorchCLIPTextProj
@@ -44,13 +44,8 @@ TORCH_CLASSES = {"CLIPTextModel": TorchCLIPText, "CLIPTextModelWithProjection": 
 
 def torch_text_encoder(raw: dict, seed: int = 0):
     """A transformers text encoder with every parameter perturbed away from its initial value (float32, eval)."""
-    torch.manual_seed(seed)
     cfg = {k: v for k, v in raw.items() if k != "architectures"}
-    model = TORCH_CLASSES[raw["architectures"][0]](TorchConfig(**cfg)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05 + 0.02)
-    return model
+    return perturbed(lambda: TORCH_CLASSES[raw["architectures"][0]](TorchConfig(**cfg)), seed)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import distrifusion_jax as dj
 from distrifusion_jax import keymap
 from distrifusion_jax.models.vae import AutoencoderKL, VAEConfig, sdxl_vae_config
 from distrifusion_jax.weights.vae import convert_vae, load_vae
-from tiny import assert_full_size_mapping, rel_l2
+from tiny import assert_full_size_mapping, perturbed, rel_l2
 
 TOL = 1e-5  # float32 relative L2; reached: about 2e-7 to 6e-7 on these configs
 
@@ -40,12 +40,7 @@ def torch_vae(config: dict, seed: int = 0):
     """A diffusers AutoencoderKL with every parameter moved away from its initial value (float32, eval)."""
     from diffusers import AutoencoderKL as TorchVAE
 
-    torch.manual_seed(seed)
-    model = TorchVAE.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05 + 0.02)
-    return model
+    return perturbed(lambda: TorchVAE.from_config(config), seed)
 
 
 @pytest.fixture(scope="module")

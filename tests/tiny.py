@@ -61,17 +61,24 @@ SD2_TINY = dict(SD1_TINY, attention_head_dim=[2, 2, 4, 4], use_linear_projection
                 center_input_sample=True, freq_shift=1, flip_sin_to_cos=False, layers_per_block=[1, 2, 1, 1])
 
 
-def torch_unet(config: dict, seed: int = 0):
-    """A diffusers UNet with every parameter perturbed away from its initial value (float32, eval mode)."""
+def perturbed(build, seed: int = 0):
+    """The torch model `build()` makes (seeded), in eval mode, with every parameter moved away from its
+    initial value, so that a wrong key mapping or a dropped bias shows in the outputs (float32)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    model = UNet2DConditionModel.from_config(config).eval()
+    model = build().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05 + 0.02)
     return model
+
+
+def torch_unet(config: dict, seed: int = 0):
+    """A diffusers UNet with every parameter perturbed away from its initial value (float32, eval mode)."""
+    from diffusers import UNet2DConditionModel
+
+    return perturbed(lambda: UNet2DConditionModel.from_config(config), seed)
 
 
 def rel_l2(a, b) -> float:
