@@ -79,12 +79,14 @@ class Decoder:
     one after another: memory of one tile, an approximation of the whole decode (see `tiled`).
     """
 
-    def __init__(self, vae, devices=None, tile_rows=None, tile_overlap: int = 16):
+    def __init__(self, vae, devices=None, tile_rows=None, tile_overlap=None):
         self.vae = vae
         self.devices = tuple(devices or jax.devices())
+        if tile_overlap is None and isinstance(tile_rows, int):
+            tile_overlap = tile_rows // 4  # a quarter of each tile shared with its neighbour (16 of 64 rows)
         if tile_rows is not None and not (isinstance(tile_rows, int) and 0 <= tile_overlap < tile_rows):
             raise ConfigError(f"tiled decode: tile_rows={tile_rows!r}, tile_overlap={tile_overlap!r}; use "
-                              "integers with 0 <= tile_overlap < tile_rows (e.g. 64 and 16)")
+                              "integers with tile_rows >= 1 and 0 <= tile_overlap < tile_rows (e.g. 64 and 16)")
         self.tile_rows, self.tile_overlap = tile_rows, tile_overlap
         whole = lambda p, z: vae.apply({"params": p}, z, method=vae.decode)
         scale = vae.config.downsample_factor
