@@ -11,3 +11,7 @@ class ConfigError(DistriFusionError):
 
 class CheckpointError(DistriFusionError):
     """A weight file is missing, truncated, in the wrong format, or does not match the model."""
+
+
+class NonFiniteError(DistriFusionError):
+    """A latent or image went NaN or infinite: nothing is returned or written as if it were a result."""
