@@ -8,11 +8,13 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import DistriConfig
-from .distributed import place, spans_processes
+from .distributed import place, spans_processes, to_host
+from .errors import DistriFusionError
 from .parallel import CFG, PATCH, STALE, PatchPlan, make_mesh, vary
 from .parallel import collectives as C
 from .parallel.tensor import TensorPlan
@@ -56,12 +58,16 @@ class Denoiser:
         # steps 0 .. warmup_steps are synchronous (the reference's `counter <= warmup_steps`)
         self.num_sync = min(self.num_steps, distri_config.warmup_steps + 1)
         self.mesh = make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 and self.tensor is None else None
+        # mesh axes per-device state varies over: the guidance branch only when the CFG split gives each
+        # half its own; without it the state must stay invariant over the (size-1) cfg axis like the latents
+        self.varying = (CFG, PATCH) if self.cfg_size == 2 else (PATCH,)
         # progress(i, n) is called from the host as steps finish; with None no callback is compiled in
         self.progress = progress
         self._report = progress is not None
         self._done = -1
         self._jitted = jax.jit(self._run)
         self._executables: dict = {}  # input shapes/dtypes -> compiled program
+        self._finite = None  # per step and band of the last call: were the latents after that step finite?
         self.last_compile_s = 0.0  # seconds the last call spent compiling (0 when it reused a program)
 
     @property
@@ -108,7 +114,19 @@ class Denoiser:
             args = self.tensor.place(*args)
         elif self.mesh is not None and spans_processes(self.devices):
             args = self.place_global(*args)
-        return self._executable(*args)(*args)
+        latents, self._finite = self._executable(*args)(*args)
+        return latents
+
+    def nonfinite_step(self) -> Optional[int]:
+        """The first step (0-based) of the last call after which the latents held a NaN or an infinity, or None.
+
+        Every step records whether its band's latents are all finite (one flag per step and band,
+        no communication), so a run that diverged can say where.
+        """
+        if self._finite is None:
+            return None
+        ok = np.asarray(to_host(self._finite)).reshape(self.num_steps, -1).all(axis=1)
+        return None if ok.all() else int(np.argmin(ok))
 
     def in_specs(self) -> tuple:
         """PartitionSpecs of (params, latents, encoder_hidden_states, added_cond_kwargs, scale) on the mesh."""
@@ -144,7 +162,7 @@ class Denoiser:
 
         def apply(inp, e, a):
             out, state = unet.apply(variables, inp, t, e, a, mutable=[STALE])
-            return out, (vary(state[STALE]) if STALE in state else None)
+            return out, (vary(state[STALE], self.varying) if STALE in state else None)
 
         if not self.cfg:
             return apply(x, ehs, added)
@@ -158,10 +176,14 @@ class Denoiser:
 
     # ---- the loop ----
     def _loop(self, params, latents, ehs, added, scale, step_fns):
-        """lax.scan over step indices for each (phase function, first, last) in step_fns."""
+        """lax.scan over step indices for each (phase function, first, last) in step_fns.
+
+        Returns the final latents and, per step, whether this device's latents were finite after it [steps, 1].
+        """
         sched = self.scheduler
         latents = latents.astype(jnp.float32)
         carry = (latents, sched.init(self.num_steps, latents), None)
+        finite = []
         for fn, start, stop, stale_init in step_fns:
             if stop <= start:
                 continue
@@ -176,17 +198,18 @@ class Denoiser:
                 lat, sstate = sched.step(sstate, eps, i, lat)
                 if self._report:
                     jax.debug.callback(self._tick, i, ordered=False)
-                return (lat, sstate, stale), None
+                return (lat, sstate, stale), jnp.isfinite(lat).all()
 
-            carry, _ = lax.scan(body, (lat, sstate, stale), jnp.arange(start, stop))
-        return carry[0]
+            carry, ok = lax.scan(body, (lat, sstate, stale), jnp.arange(start, stop))
+            finite.append(ok)
+        return carry[0], jnp.concatenate(finite)[:, None]
 
     def _run(self, params, latents, ehs, added, scale):
         if self.mesh is None:  # one device, or tensor parallelism (the same loop under GSPMD)
             unet = self.model(None) if self.tensor is None else self.tensor.wrap(self.model(None))
             fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
             return self._loop(params, latents, ehs, added, scale, [(fn, 0, self.num_steps, None)])
-        local = shard_map_fn(self._local, self.mesh, in_specs=self.in_specs(), out_specs=P(None, PATCH))
+        local = shard_map_fn(self._local, self.mesh, in_specs=self.in_specs(), out_specs=(P(None, PATCH),) * 2)
         return local(params, latents, ehs, added, scale)
 
     def _local(self, params, latents, ehs, added, scale):
@@ -205,7 +228,7 @@ class Denoiser:
         """Zeros shaped like the stale state, from abstract evaluation of a synchronous step."""
         t = self.timesteps[0]
         shapes = jax.eval_shape(lambda: self.eps(sync_unet, params, None, lat, t, ehs, added)[1])
-        return vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        return vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), self.varying)
 
     def _naive_step(self, params, stale, x, t, ehs, added, i, scale):
         """Independent patches: the plain UNet on this device's rows or columns, no exchange."""
@@ -221,13 +244,22 @@ class Denoiser:
         return lax.cond(i % 2 == 0, rows, cols), stale
 
     def _check_inputs(self, latents, ehs):
-        from .errors import DistriFusionError
-
-        b, h, w = latents.shape[:3]
         c = self.config
+        channels = self.unet.config.in_channels
+        if getattr(latents, "ndim", 0) != 4:
+            raise DistriFusionError(f"latents have shape {getattr(latents, 'shape', None)}; expected NHWC "
+                                    f"[batch, {c.latent_height}, {c.latent_width}, {channels}]")
+        b, h, w, ch = latents.shape
+        if ch != channels and latents.shape[1] == channels:
+            raise DistriFusionError(f"latents have shape {latents.shape}, channels first (NCHW); this loop takes "
+                                    f"NHWC [batch, {c.latent_height}, {c.latent_width}, {channels}]: pass "
+                                    "latents.transpose(0, 2, 3, 1)")
         if (h, w) != (c.latent_height, c.latent_width):
             raise DistriFusionError(f"latents are {h}x{w} but the DistriConfig is for {c.height}x{c.width} "
                                     f"pixels (latents {c.latent_height}x{c.latent_width}): make them agree")
+        if ch != channels:
+            raise DistriFusionError(f"latents have {ch} channels but the UNet takes {channels} (NHWC "
+                                    f"[batch, {c.latent_height}, {c.latent_width}, {channels}])")
         want = 2 * b if self.cfg else b
         if ehs.shape[0] != want:
             raise DistriFusionError(f"encoder_hidden_states has batch {ehs.shape[0]}, expected {want} "

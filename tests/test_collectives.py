@@ -23,7 +23,7 @@ def bands(fn, m, x, in_spec=P(None, PATCH), out_spec=P(None, PATCH)):
 def test_halo_rows_equal_zero_padded_neighbours(n):
     x = np.random.default_rng(0).standard_normal((2, 4 * n, 5, 3)).astype(np.float32)
     padded = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # the full image with its zero border
-    out = bands(lambda b: jnp.concatenate([*C.halo_rows(b, 1, PATCH)[:1], b, C.halo_rows(b, 1, PATCH)[1]], 1),
+    out = bands(lambda b: jnp.concatenate([*C.halo_rows(b, 1, 1, PATCH)[:1], b, C.halo_rows(b, 1, 1, PATCH)[1]], 1),
                 mesh(n), x)
     # each band of height 4 came back as 6 rows: the padded image's rows around it
     expected = np.concatenate([padded[:, 4 * i: 4 * i + 6] for i in range(n)], axis=1)

@@ -222,6 +222,12 @@ def test_latents_must_match_the_config(setup):
     denoise = dj.make_denoise_fn(unet, dj.DistriConfig(256, 256, devices=2), sched, 2)
     with pytest.raises(dj.DistriFusionError, match="latents are 16x24 but the DistriConfig is for 256x256"):
         denoise(params, latents, ehs, added)
+    denoise = dj.make_denoise_fn(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=2), sched, 2)
+    with pytest.raises(dj.DistriFusionError, match=r"channels first \(NCHW\); this loop takes NHWC \[batch, 16, 24, 4\]"
+                                                   r": pass latents.transpose\(0, 2, 3, 1\)"):
+        denoise(params, latents.transpose(0, 3, 1, 2), ehs, added)
+    with pytest.raises(dj.DistriFusionError, match="expected NHWC"):
+        denoise(params, latents[0], ehs, added)
 
 
 def test_emulated_band_step_computes_what_the_real_band_does(setup):
@@ -250,3 +256,29 @@ def test_emulated_band_step_computes_what_the_real_band_does(setup):
     assert rel_l2(out, np.asarray(eps)[:, : HEIGHT // 16]) <= EXACT
     # emulation exchanges nothing, so the state is left as it was
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new[STALE]), jax.tree.leaves(band0_state)))
+
+
+class NaNAtStep:
+    """A scheduler whose step `at` writes a NaN into the first latent row (of every band)."""
+
+    def __init__(self, scheduler, at):
+        self.scheduler, self.at = scheduler, at
+
+    def __getattr__(self, name):
+        return getattr(self.scheduler, name)
+
+    def step(self, state, eps, i, lat):
+        lat, state = self.scheduler.step(state, eps, i, lat)
+        return jnp.where(i == self.at, lat.at[:, :1].set(jnp.nan), lat), state
+
+
+@pytest.mark.parametrize("devices, split_batch", [(1, True), (4, False)])
+def test_nonfinite_step_names_the_first_step_that_went_nan(setup, devices, split_batch):
+    unet, params, inputs, sched = setup
+    config = dj.DistriConfig(HEIGHT, WIDTH, devices=devices, split_batch=split_batch, warmup_steps=0)
+    clean = dj.make_denoise_fn(unet, config, sched, 4)
+    clean(params, *inputs)
+    assert clean.nonfinite_step() is None
+    bad = dj.make_denoise_fn(unet, config, NaNAtStep(sched, 2), 4)
+    out = np.asarray(bad(params, *inputs))
+    assert bad.nonfinite_step() == 2 and not np.isfinite(out).all()

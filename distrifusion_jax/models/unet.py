@@ -60,7 +60,7 @@ class UNet2DConditionModel(nn.Module):
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        x = Conv2d(cfg.block_out_channels[0], **common, name="conv_in")(x)
+        x = Conv2d(cfg.block_out_channels[0], **common, exact_halo=True, name="conv_in")(x)
         skips = [x]
 
         # 3. down

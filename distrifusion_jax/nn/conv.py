@@ -23,6 +23,9 @@ class Conv2d(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
+    # exchange halo rows synchronously in every step and keep no state (the UNet's conv_in: its input
+    # is this step's latent, and its 4-channel rows are tiny)
+    exact_halo: bool = False
 
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, Cin] -> [B, H/stride, W/stride, features]
@@ -39,8 +42,12 @@ class Conv2d(nn.Module):
         return y + bias
 
     def pad_rows(self, x, pad):
-        """x with `pad` rows above and below: zeros at the image border, the neighbours' rows in a band."""
+        """x with `pad` rows above and below: zeros at the image border, the neighbours' rows in a band.
+
+        In a band (whose height the stride divides) a stride-2 conv reads no row below it, so the
+        plan is asked for `kernel_size - stride - pad` rows there.
+        """
         if self.parallel is not None:
-            return self.parallel.pad_rows(self, x, pad)
+            return self.parallel.pad_rows(self, x, pad, max(0, self.kernel_size - self.stride - pad))
         zeros = jnp.zeros(x.shape[:1] + (pad,) + x.shape[2:], x.dtype)
         return jnp.concatenate([zeros, x, zeros], axis=1)

@@ -10,19 +10,24 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def halo_rows(x, pad: int, axis: str):
-    """The `pad` rows above and below this device's band, from its neighbours on `axis`.
+def halo_rows(x, top: int, bottom: int, axis: str):
+    """The `top` rows above and the `bottom` rows below this device's band, from its neighbours on `axis`.
 
-    x: [B, h, W, C] -> (top [B, pad, W, C], bottom [B, pad, W, C]).
-    Two non-cyclic ppermutes: each device sends its last rows down and its first rows up; the first
-    and last bands receive nothing, i.e. zeros, which is exactly the conv's zero padding at the
-    image border. Bytes sent per device: at most 2 * B * pad * W * C * itemsize (only to the two
-    neighbours; the reference all-gathers the rows to every device).
+    x: [B, h, W, C] -> (above [B, top, W, C], below [B, bottom, W, C]).
+    Non-cyclic ppermutes: each device sends its last `top` rows down and its first `bottom` rows up;
+    the first and last bands receive nothing, i.e. zeros, which is exactly the conv's zero padding at
+    the image border. A count of 0 moves nothing (a stride-2 conv reads no row below its band).
+    Bytes sent per device: at most B * (top + bottom) * W * C * itemsize (only to the two neighbours;
+    the reference all-gathers the rows to every device).
     """
     p = lax.axis_size(axis)
-    top = lax.ppermute(x[:, -pad:], axis, perm=[(i, i + 1) for i in range(p - 1)])
-    bottom = lax.ppermute(x[:, :pad], axis, perm=[(i + 1, i) for i in range(p - 1)])
-    return top, bottom
+
+    def shift(rows, perm):
+        return lax.ppermute(rows, axis, perm=perm) if rows.shape[1] else rows
+
+    above = shift(x[:, x.shape[1] - top:], [(i, i + 1) for i in range(p - 1)])
+    below = shift(x[:, :bottom], [(i + 1, i) for i in range(p - 1)])
+    return above, below
 
 
 def gather_tokens(x, axis: str):

@@ -57,15 +57,16 @@ DISPLACED_BEHAVIOUR = {
 class PatchPlan:
     """Static description of one step: phase ("sync" | "displaced"), DistriConfig mode and stale K/V options.
 
-    `exact` holds module paths that always exchange synchronously and keep no state: conv_in, whose
-    input is the latent itself (the reference replicates the latent; we shard it, so its one halo
-    row per side is exchanged exactly; it is tiny).
+    A conv marked `exact_halo` (the UNet's conv_in, whose input is the latent itself: the reference
+    replicates the latent; we shard it) always exchanges its halo synchronously and keeps no state,
+    wherever the model sits in a module tree. State is kept only where a displaced step of the mode
+    reads it (`keeps`): `full_sync` keeps none, `sync_gn` / `separate_gn` / `no_sync` no GroupNorm
+    statistics.
     """
 
     phase: str
     mode: str = "corrected_async_gn"
     axis: str = PATCH
-    exact: frozenset = frozenset({("conv_in",)})
     # > 0: compute of one band out of `emulate`, on one device without a mesh: every exchange is left
     # out and the state is only read (benchmarks of a displaced step's compute, not for generation)
     emulate: int = 0
@@ -78,8 +79,9 @@ class PatchPlan:
         if self.stale_kv not in STALE_KV or self.stale_kv_dtype not in compress.DTYPES:
             raise ValueError(f"PatchPlan: stale_kv {self.stale_kv!r} / stale_kv_dtype {self.stale_kv_dtype!r} "
                              f"not in {STALE_KV} / {compress.DTYPES}")
-        if self.emulate and self.phase != "displaced":
-            raise ValueError("PatchPlan: emulate needs the displaced phase (a sync step cannot skip its exchange)")
+        if self.emulate and (self.phase != "displaced" or not self.keeps("spatial")):
+            raise ValueError("PatchPlan: emulate needs the displaced phase of a mode with stale state (a "
+                             "synchronous exchange cannot be skipped)")
 
     def bands(self) -> int:
         return self.emulate or lax.axis_size(self.axis)
@@ -96,23 +98,30 @@ class PatchPlan:
     def norm(self) -> str:
         return "sync" if self.phase == "sync" else DISPLACED_BEHAVIOUR[self.mode][1]
 
+    def keeps(self, kind: str) -> bool:
+        """Whether displaced steps of this mode read stale state of a kind: "spatial" (conv halos and
+        attention tokens) or "norm" (GroupNorm statistics). What nothing reads is neither stored nor sent."""
+        spatial, norm = DISPLACED_BEHAVIOUR[self.mode]
+        return spatial in ("displaced", "frozen") if kind == "spatial" else norm in ("corrected", "stale")
+
     # ---- 3x3 convolutions ----
-    def pad_rows(self, module, x, pad):
-        """x [B, h, W, C] -> [B, h + 2 pad, W, C] with the neighbours' rows (zeros at the image border)."""
-        if tuple(module.path) in self.exact:
-            rows = self.exchange(C.halo_rows, x, pad, self.axis)
-            top, bottom = rows if rows else (jnp.zeros_like(x[:, :pad]),) * 2
-            return jnp.concatenate([top, x, bottom], axis=1)
-        state = module.variable(STALE, "halo", jnp.zeros, x.shape[:1] + (2 * pad,) + x.shape[2:], x.dtype)
+    def pad_rows(self, module, x, top, bottom):
+        """x [B, h, W, C] -> [B, top + h + bottom, W, C] with the neighbours' rows (zeros at the image border)."""
+        if getattr(module, "exact_halo", False) or not self.keeps("spatial"):  # this step's rows, no state
+            rows = self.exchange(C.halo_rows, x, top, bottom, self.axis)
+            if rows is None:  # emulating one band: no neighbours
+                rows = tuple(jnp.zeros(x.shape[:1] + (n,) + x.shape[2:], x.dtype) for n in (top, bottom))
+            return jnp.concatenate([rows[0], x, rows[1]], axis=1)
+        state = module.variable(STALE, "halo", jnp.zeros, x.shape[:1] + (top + bottom,) + x.shape[2:], x.dtype)
         if self.spatial == "sync":
-            top, bottom = C.halo_rows(x, pad, self.axis)
-            state.value = jnp.concatenate([top, bottom], axis=1)
+            rows = C.halo_rows(x, top, bottom, self.axis)
+            state.value = jnp.concatenate(rows, axis=1)
         else:
-            top, bottom = state.value[:, :pad], state.value[:, pad:]
-            rows = self.exchange(C.halo_rows, x, pad, self.axis) if self.spatial == "displaced" else None
-            if rows:
-                state.value = jnp.concatenate(rows, axis=1)
-        return jnp.concatenate([top, x, bottom], axis=1)
+            rows = state.value[:, :top], state.value[:, top:]
+            fresh = self.exchange(C.halo_rows, x, top, bottom, self.axis) if self.spatial == "displaced" else None
+            if fresh:
+                state.value = jnp.concatenate(fresh, axis=1)
+        return jnp.concatenate([rows[0], x, rows[1]], axis=1)
 
     # ---- self-attention ----
     def self_attention_kv(self, module, x, project):
@@ -133,6 +142,8 @@ class PatchPlan:
         with this band's slice replaced by `local`, and (displaced) this step's encoded tokens
         all-gathered into the state.
         """
+        if not self.keeps("spatial"):  # full_sync: this step's tokens, nothing kept
+            return C.gather_tokens(local, self.axis)
         encode = lambda a: compress.encode(a, self.stale_kv_dtype)
         whole = jax.ShapeDtypeStruct((local.shape[0], self.bands() * local.shape[1]) + local.shape[2:], local.dtype)
         values, scale = (None if s is None else module.variable(STALE, name + suffix, jnp.zeros, s.shape, s.dtype)
@@ -157,12 +168,15 @@ class PatchPlan:
     def group_norm_stats(self, module, mean, var):
         """This band's (mean, var) [B, G] -> statistics to normalise with, float32."""
         fresh = jnp.stack([mean, var], axis=-1).astype(jnp.float32)
+        if self.norm == "separate":
+            return mean.astype(jnp.float32), var.astype(jnp.float32)
+        if not self.keeps("norm"):  # sync_gn, full_sync, or the warmup of separate_gn / no_sync: nothing kept
+            out = C.combine_stats(C.gather_stats(fresh, self.axis))
+            return out[..., 0], out[..., 1]
         state = module.variable(STALE, "stats", jnp.zeros, (self.bands(),) + fresh.shape, jnp.float32)
         if self.norm == "sync":
             state.value = C.gather_stats(fresh, self.axis)
             out = C.combine_stats(state.value)
-        elif self.norm == "separate":
-            out = fresh
         else:
             combine = C.corrected_stats if self.norm == "corrected" else C.stale_stats
             out = combine(state.value, fresh, self.axis, 0 if self.emulate else None)

@@ -1,0 +1,138 @@
+"""Displaced patch parallelism on every mesh a DistriConfig allows, each run against the single-device loop.
+
+Mesh kinds: the CFG split (cfg=2), no split with guidance batched on every device (the paper's
+Table 1 setting), guidance off, and an odd device count; every mode on each, displaced steps taken
+(warmup shorter than the run). Each scheduler and stale K/V option runs at least once without the
+CFG split, and batches of two images run displaced on both kinds of guidance mesh.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distrifusion_jax as dj
+from tiny import SDXL_MICRO, rel_l2, sdxl_scheduler_config
+
+WIDTH = 64  # latents 8 columns wide
+STEPS, WARMUP = 4, 1  # steps 0-1 synchronous, 2-3 displaced
+EXACT = 1e-5  # float32 relative L2 tolerance of synchronous parallelism vs one device
+# a displaced run must differ from the synchronous one by at least this much (DistriFusion cannot be
+# silently off); measured 1e-3 to 4e-2 (see the printed figures), while synchronous runs agree to 1e-6
+DISPLACED_FLOOR = 1e-4
+
+# name -> (image height, DistriConfig fields): 128 px = 16 latent rows (2, 4 or 8 bands of at least two
+# rows, one at the micro UNet's lower level); 96 px = 12 rows, 3 bands of 4
+MESHES = {
+    "cfg split 2x2": (128, dict(devices=4)),
+    "no split 1x4": (128, dict(devices=4, split_batch=False)),
+    "guidance off 1x2": (128, dict(devices=2, do_classifier_free_guidance=False)),
+    "odd 1x3": (96, dict(devices=3, split_batch=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    unet = dj.UNet2DConditionModel(dj.UNetConfig.from_dict(SDXL_MICRO))
+    return unet, unet.init_params(seed=0)
+
+
+def inputs(height, batch=1, cfg=True, seed=0):
+    """(latents [B, h, w, 4], ehs, added): [uncond; cond] with guidance, cond only without."""
+    rng = np.random.default_rng(seed)
+    n = 2 * batch if cfg else batch
+    latents = jnp.asarray(rng.standard_normal((batch, height // 8, WIDTH // 8, 4)), jnp.float32)
+    ehs = jnp.asarray(rng.standard_normal((n, 7, 8)), jnp.float32)
+    added = {"text_embeds": jnp.asarray(rng.standard_normal((n, 8)), jnp.float32),
+             "time_ids": jnp.asarray([[float(height), float(WIDTH), 0.0]] * n, jnp.float32)}
+    return latents, ehs, added
+
+
+_cache = {}
+
+
+def run(model, height, steps=STEPS, scheduler="ddim", batch=1, **fields):
+    """Final latents of the loop for these DistriConfig fields (cached: tests compare runs pairwise)."""
+    key = (height, steps, scheduler, batch, tuple(sorted(fields.items())))
+    if key not in _cache:
+        unet, params = model
+        config = dj.DistriConfig(height, WIDTH, **fields)
+        sched = dj.make_scheduler(scheduler, sdxl_scheduler_config())
+        denoise = dj.make_denoise_fn(unet, config, sched, num_inference_steps=steps, guidance_scale=5.0)
+        out = np.asarray(denoise(params, *inputs(height, batch, config.do_classifier_free_guidance)))
+        assert denoise.nonfinite_step() is None
+        _cache[key] = out
+    return _cache[key]
+
+
+def reference(model, height, fields, **kw):
+    """The single-device loop with the same guidance."""
+    cfg = fields.get("do_classifier_free_guidance", True)
+    return run(model, height, devices=1, do_classifier_free_guidance=cfg, **kw)
+
+
+def check_displaced(model, height, fields, label, **kw):
+    """Displaced run vs one device: finite, below naive patches' error, and not the synchronous result."""
+    single = reference(model, height, fields, **kw)
+    out = run(model, height, warmup_steps=WARMUP, **fields, **kw)
+    naive = rel_l2(run(model, height, parallelism="naive_patch", **fields, **kw), single)
+    err = rel_l2(out, single)
+    print(f"{label}: displaced {err:.2e}, naive patch {naive:.2e}")
+    assert np.isfinite(out).all()
+    if fields.get("mode") == "full_sync":
+        assert err <= EXACT
+    else:
+        assert DISPLACED_FLOOR < err < naive / 3
+    return err
+
+
+@pytest.mark.parametrize("mode", dj.config.MODES)
+@pytest.mark.parametrize("mesh", MESHES)
+def test_every_mode_on_every_mesh_kind(model, mesh, mode):
+    height, fields = MESHES[mesh]
+    check_displaced(model, height, dict(fields, mode=mode), f"{mesh}, {mode}")
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_warmup_phase_is_exact_on_every_mesh_kind(model, mesh):
+    """Warmup covering every step: synchronous patch parallelism equals one device (the synchronous
+    phase does not depend on the mode: PatchPlan.spatial / norm are "sync" in it whatever the mode)."""
+    height, fields = MESHES[mesh]
+    err = rel_l2(run(model, height, warmup_steps=STEPS, **fields), reference(model, height, fields))
+    print(f"{mesh}: warmup over the whole run vs one device {err:.1e}")
+    assert err <= EXACT
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm-solver"])
+def test_schedulers_displaced_without_the_cfg_split(model, scheduler):
+    check_displaced(model, 128, dict(devices=8, split_batch=False), f"{scheduler}, no split 1x8",
+                    scheduler=scheduler)
+
+
+@pytest.mark.parametrize("stale_kv, dtype", [("hidden", None), ("kv", "bfloat16"), ("kv", "float8_e4m3fn"),
+                                             ("hidden", "int8")])
+def test_stale_options_displaced_without_the_cfg_split(model, stale_kv, dtype):
+    fields = dict(devices=8, split_batch=False)
+    err = check_displaced(model, 128, dict(fields, stale_kv=stale_kv, stale_kv_dtype=dtype),
+                          f"stale_kv={stale_kv}, {dtype}, no split 1x8")
+    default = rel_l2(run(model, 128, warmup_steps=WARMUP, **fields), reference(model, 128, fields))
+    assert err < 2 * default  # the option barely changes the displaced result's accuracy
+
+
+@pytest.mark.parametrize("mesh", ["cfg split 2x2", "no split 1x4"])
+def test_displaced_batch_of_two(model, mesh):
+    """Two images displaced together: each is close to one device, and the first equals the same
+    image denoised alone (samples never mix through the exchanged statistics or tokens)."""
+    height, fields = MESHES[mesh]
+    check_displaced(model, height, fields, f"{mesh}, batch 2", batch=2)
+    pair = run(model, height, warmup_steps=WARMUP, batch=2, **fields)
+    alone_inputs = inputs(height, 2)
+    unet, params = model
+    config = dj.DistriConfig(height, WIDTH, warmup_steps=WARMUP, **fields)
+    sched = dj.make_scheduler("ddim", sdxl_scheduler_config())
+    denoise = dj.make_denoise_fn(unet, config, sched, num_inference_steps=STEPS, guidance_scale=5.0)
+    lat, ehs, added = alone_inputs
+    first = lambda a: jnp.concatenate([a[:1], a[2:3]])  # image 0 of [uncond 0, uncond 1; cond 0, cond 1]
+    alone = np.asarray(denoise(params, lat[:1], first(ehs), {k: first(v) for k, v in added.items()}))
+    err = rel_l2(pair[:1], alone)
+    print(f"{mesh}: image 0 of a displaced batch of 2 vs alone {err:.1e}")
+    assert err <= EXACT
