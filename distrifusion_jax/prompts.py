@@ -7,33 +7,56 @@ from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from .errors import ConfigError
 
 Prompt = Union[str, Sequence[str], None]
 
 
-def as_list(prompt: Prompt, batch: Optional[int] = None) -> list:
-    """A prompt or list of prompts as a list (a single one repeated to `batch`)."""
+def as_list(prompt: Prompt, batch: Optional[int] = None, name: str = "prompt") -> list:
+    """A prompt or list of prompts as a list (a single one repeated to `batch`).
+
+    Anything but a str or a non-empty list/tuple of str is a ConfigError naming the argument
+    `name`: `list(123)` or `list(b"..")` would otherwise fail deep inside the tokenizer, or not at all.
+    """
     if prompt is None:
         return [""] * (batch or 1)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{name}={short_repr(prompt)} is not supported: pass a str or a non-empty list of str")
+    prompts = list(prompts)
     if batch is not None and len(prompts) == 1 and batch > 1:
         prompts = prompts * batch
     if batch is not None and len(prompts) != batch:
-        raise ValueError(f"got {len(prompts)} prompts for a batch of {batch}: pass one prompt or one per image")
+        raise ConfigError(f"{name} has {len(prompts)} entries for a batch of {batch} prompts: pass one {name} "
+                          "or one per prompt")
     return prompts
 
 
-def tokenize(tokenizer, prompts: list) -> np.ndarray:
-    """int32 ids [B, max_length], padded; over-long prompts are truncated with a warning (CLIP sees 77)."""
+def short_repr(value) -> str:
+    """repr(value) cut to a readable length, on one line, for an error message (a long prompt list or
+    an array passed by mistake stays short)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxtuple = 40, 40, 3, 3
+    return r.repr(value).replace("\n", " ")
+
+
+def tokenize(tokenizer, prompts: list) -> tuple:
+    """(int32 ids [B, n], {prompt: (tokens cut, their text)} for over-long prompts): n = model_max_length
+    (CLIP sees 77 positions); `tokenizer` is a `tokenizer.ClipTokenizer`."""
     n = tokenizer.model_max_length
-    ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="np").input_ids
-    full = tokenizer(prompts, padding="longest", return_tensors="np")
-    lengths = full.attention_mask.sum(axis=1)
-    dropped = [tokenizer.decode(full.input_ids[i, n - 1:lengths[i] - 1]) for i in range(len(prompts)) if lengths[i] > n]
-    if dropped:
-        warnings.warn(f"CLIP takes at most {n} tokens; this part of the prompt was cut off: {dropped}")
-    return ids.astype(np.int32)
+    ids = tokenizer.encode(prompts)
+    cut = {p: (len(seq) - n, tokenizer.decode(seq[n - 1:-1])) for p, seq in zip(prompts, ids) if len(seq) > n}
+    return tokenizer.pad(ids), cut
+
+
+def warn_cut(cut: dict, n: int) -> None:
+    """One short warning line per over-long prompt, naming where it was cut."""
+    for count, text in cut.values():
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        warnings.warn(f"CLIP takes at most {n} tokens; {count} cut from the end of the prompt: {shown!r}")
 
 
 class PromptEncoder:
@@ -44,12 +67,15 @@ class PromptEncoder:
         self._fns = [jax.jit(lambda p, ids, m=m: m.apply({"params": p}, ids)) for m in encoders]
 
     def encode(self, prompts: list, prompts_2: list):
-        hidden, pooled = [], None
+        hidden, pooled, cut = [], None, {}
         for tok, fn, params, texts in zip(self.tokenizers, self._fns, self.params, (prompts, prompts_2)):
-            out = fn(params, jnp.asarray(tokenize(tok, texts)))
+            ids, cut_here = tokenize(tok, texts)
+            cut.update(cut_here)  # keyed by prompt: both encoders cut the same prompt once
+            out = fn(params, jnp.asarray(ids))
             hidden.append(out.hidden_states[-2])  # SDXL uses the penultimate layer of both
             if out.text_embeds is not None and pooled is None:
                 pooled = out.text_embeds  # the projected pooled output of the encoder with a projection
+        warn_cut(cut, self.tokenizers[0].model_max_length)
         return jnp.concatenate(hidden, axis=-1), pooled
 
     def __call__(self, prompt: Prompt, prompt_2: Prompt, negative: Prompt, negative_2: Prompt, batch: int,
