@@ -1,17 +1,17 @@
 """distrifusion-jax: DistriFusion (displaced patch parallelism) for Stable Diffusion XL in JAX/Flax."""
 
 from .config import DistriConfig, UNetConfig, sd15, sd21, sdxl_base
-from .errors import CheckpointError, ConfigError, DistriFusionError, NonFiniteError
+from .errors import CheckpointError, ConfigError, DistriFusionError, NonFiniteError, OutOfMemoryError
 from .models import UNet2DConditionModel
-from .weights import convert_text_encoder, convert_vae, load_text_encoder, load_unet, load_vae, save_unet_diffusers
-from .convert import convert_pipeline, convert_unet
+from .weights import load_text_encoder, load_unet, load_vae, save_unet_diffusers
+from .convert import convert_pipeline, convert_text_encoder, convert_unet, convert_vae
 from .denoise import Denoiser, make_denoise_fn
 from .pipeline import DistriSDXLPipeline
 from .schedulers import make_scheduler, scheduler_from_config
 
 __all__ = [
     "DistriConfig", "UNetConfig", "sdxl_base", "sd15", "sd21",
-    "DistriFusionError", "ConfigError", "CheckpointError", "NonFiniteError",
+    "DistriFusionError", "ConfigError", "CheckpointError", "NonFiniteError", "OutOfMemoryError",
     "UNet2DConditionModel", "load_unet", "save_unet_diffusers", "convert_unet", "convert_pipeline",
     "load_text_encoder", "convert_text_encoder", "load_vae", "convert_vae",
     "Denoiser", "make_denoise_fn", "DistriSDXLPipeline", "make_scheduler", "scheduler_from_config",

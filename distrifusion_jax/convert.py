@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -15,6 +17,8 @@ from tqdm.auto import tqdm
 
 from .config import read_json, to_diffusers_dict
 from .errors import CheckpointError
+from .models.clip import CLIPTextConfig
+from .tokenizer import load_tokenizer
 from .weights import CONVERTED_WEIGHTS, check_folder, read_unet_params, resolve_dtype
 from .weights.clip import read_text_encoder_params
 from .weights.vae import read_vae_params
@@ -91,15 +95,93 @@ READERS = {"unet": _read_unet, "vae": _read_vae, "text_encoder": _read_text_enco
            "text_encoder_2": _read_text_encoder}
 
 
-def convert_unet(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True) -> Path:
+def _convert_model(what: str, reader, src, dst, dtype, variant, progress: bool, overwrite: bool) -> Path:
+    """One model folder `src` -> `dst` (config.json + flax_params.safetensors), written whole or not at all."""
+    dt = resolve_dtype(dtype)
+    src, dst = check_folder(src, what), _path(dst)
+    check_destination(src, dst, overwrite)
+    start = time.perf_counter()
+    with staged(dst) as tmp:
+        flat, config_dict = reader(src, dt, variant, tensor_progress(f"converting {what}", progress))
+        write_converted(tmp, flat, config_dict, src, dt, progress=False)
+    if progress:
+        print(summary(flat, src, dst, dt.name, start), file=sys.stderr)
+    return dst
+
+
+def convert_unet(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
+                 overwrite: bool = False) -> Path:
     """Convert a diffusers UNet folder `src` into `dst` (config.json + flax_params.safetensors).
 
-    `load_unet(dst)` then gives exactly the parameters `load_unet(src)` gives (cast to `dtype`).
+    `load_unet(dst)` then gives exactly the parameters `load_unet(src)` gives (cast to `dtype`). `dst`
+    is written as a whole or not at all (see `staged`); a non-empty `dst` is replaced only with `overwrite`.
     """
-    dt = resolve_dtype(dtype)
-    start = time.perf_counter()
-    flat, config_dict = _read_unet(src, dt, variant, tensor_progress("converting unet", progress))
-    return write_converted(dst, flat, config_dict, src, dt, start, progress)
+    return _convert_model("UNet", _read_unet, src, dst, dtype, variant, progress, overwrite)
+
+
+def convert_vae(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
+                overwrite: bool = False) -> Path:
+    """Convert a diffusers VAE folder as `convert_unet` does: `load_vae(dst)` gives `load_vae(src)`'s parameters."""
+    return _convert_model("VAE", _read_vae, src, dst, dtype, variant, progress, overwrite)
+
+
+def convert_text_encoder(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
+                         overwrite: bool = False) -> Path:
+    """Convert a transformers CLIP text encoder folder as `convert_unet` does (`load_text_encoder(dst)`)."""
+    return _convert_model("text encoder", _read_text_encoder, src, dst, dtype, variant, progress, overwrite)
+
+
+# ---- the destination: checked first, written whole or not at all ----
+def _path(path) -> Path:
+    return Path(os.fspath(path)).expanduser()
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a `dst` that is `src`, inside it or holds it, that is a file, or that has contents (unless
+    `overwrite`): a conversion never writes into its source and never mixes with an older output."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise CheckpointError(f"{dst}: the output folder must differ from the folder it converts")
+    if s in d.parents or d in s.parents:
+        inner, outer = (dst, src) if s in d.parents else (src, dst)
+        raise CheckpointError(f"{inner} is inside {outer}: the output and source folders must not overlap; "
+                              "pick an output folder elsewhere")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst} exists and is not a folder; pass a folder path for the output")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dst} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
+                              "or choose a new folder")
+
+
+@contextlib.contextmanager
+def staged(dst: Path):
+    """A fresh hidden sibling folder of `dst` to write into, renamed to `dst` when the block succeeds and
+    removed when it raises (Ctrl-C too), so `dst` never holds a partial or mixed conversion. An existing
+    `dst` is moved aside, replaced, then deleted (restored if the rename fails)."""
+    dst = dst.resolve()  # a name to put the sibling next to, even for "." or a symlink
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, dst: Path) -> None:
+    if not dst.exists():
+        new.rename(dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{secrets.token_hex(4)}")
+    dst.rename(old)
+    try:
+        new.rename(dst)
+    except BaseException:
+        old.rename(dst)
+        raise
+    shutil.rmtree(old)
 
 
 # ---- whole pipelines ----
@@ -132,7 +214,16 @@ def _check_pipeline(src: Path) -> dict:
     if missing:
         raise CheckpointError(f"{src}: SDXL pipeline component(s) missing: {', '.join(missing)} (a folder and a "
                               f"model_index.json entry each); download the complete pipeline")
+    if not (src / "scheduler" / "scheduler_config.json").is_file():
+        raise CheckpointError(f"{src / 'scheduler'}: no scheduler_config.json; download the complete pipeline")
     return index
+
+
+def _check_tokenizers(src: Path) -> None:
+    """Each tokenizer folder parses and its vocabulary fits its text encoder's embedding."""
+    for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        config = CLIPTextConfig.from_json(check_folder(src / enc, enc) / "config.json")
+        load_tokenizer(src / tok, vocab_size=config.vocab_size, what=tok)
 
 
 def _listed(entry) -> bool:
@@ -148,46 +239,55 @@ def _copy_files(src: Path, dst: Path) -> None:
             shutil.copyfile(f, dst / f.name)
 
 
-def convert_pipeline(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True) -> Path:
+def convert_pipeline(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
+                     overwrite: bool = False) -> Path:
     """Convert a diffusers SDXL pipeline folder `src` into `dst`, keeping its layout.
 
     unet, text_encoder and text_encoder_2 are written in `dtype` (bfloat16 is the usual choice for
     SDXL), the vae in float32 where its config has `force_upcast` (SDXL's does), else in `dtype`; each
     loads with `load_unet` / `load_text_encoder` / `load_vae`. tokenizer, tokenizer_2 and scheduler are
-    copied (json and txt files), model_index.json too, with a `_distrifusion_jax` note. All components
-    are checked to be present before anything is written.
+    copied (json and txt files), model_index.json too, with a `_distrifusion_jax` note. The components,
+    the tokenizers and `dst` are checked before anything is written (a non-empty `dst` is replaced only
+    with `overwrite`), and `dst` is written as a whole or not at all (see `staged`).
     """
-    src, dst = Path(os.fspath(src)).expanduser(), Path(os.fspath(dst)).expanduser()
+    src, dst = _path(src), _path(dst)
     dt = resolve_dtype(dtype)
     index = _check_pipeline(src)
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the output folder must differ from the pipeline folder it converts")
+    check_destination(src, dst, overwrite)
+    _check_tokenizers(src)
     start = time.perf_counter()
     dtypes = {name: dt.name for name in PIPELINE_MODELS}
     dtypes["vae"] = vae_dtype(read_json(check_folder(src / "vae", "VAE") / "config.json"), dt)
-    totals = {}
-    bar = tqdm(PIPELINE_COMPONENTS, desc="converting pipeline", unit="component", file=sys.stderr,
-               disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        if name in PIPELINE_FILES:
-            _copy_files(src / name, dst / name)
-            continue
-        flat, config_dict = READERS[name](src / name, dtypes[name], variant,
-                                          tensor_progress(f"  {name}", progress, leave=False))
-        write_converted(dst / name, flat, config_dict, src / name, dtypes[name], progress=False)
-        totals.update({f"{name}/{k}": v for k, v in flat.items()})
-    bar.close()
-    note = {"format_version": FORMAT_VERSION, "dtype": dt.name, "vae_dtype": dtypes["vae"], "source": str(src)}
-    (dst / "model_index.json").write_text(json.dumps(dict(index, **{NOTE_KEY: note}), indent=2))
+    with staged(dst) as tmp:
+        totals = _write_pipeline(src, tmp, dtypes, variant, progress)
+        note = {"format_version": FORMAT_VERSION, "dtype": dt.name, "vae_dtype": dtypes["vae"], "source": str(src)}
+        (tmp / "model_index.json").write_text(json.dumps(dict(index, **{NOTE_KEY: note}), indent=2))
     if progress:
         names = dt.name if dtypes["vae"] == dt.name else f"{dt.name}, vae {dtypes['vae']}"
         print(summary(totals, src, dst, names, start, what="SDXL pipeline: "), file=sys.stderr)
     return dst
 
 
-def convert(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True) -> Path:
+def _write_pipeline(src: Path, out: Path, dtypes: dict, variant, progress: bool) -> dict:
+    """Every component of `src` converted or copied into `out`; returns all tensors written, for the summary."""
+    totals = {}
+    with tqdm(PIPELINE_COMPONENTS, desc="converting pipeline", unit="component", file=sys.stderr,
+              disable=not progress) as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            if name in PIPELINE_FILES:
+                _copy_files(src / name, out / name)
+                continue
+            flat, config_dict = READERS[name](src / name, dtypes[name], variant,
+                                              tensor_progress(f"  {name}", progress, leave=False))
+            write_converted(out / name, flat, config_dict, src / name, dtypes[name], progress=False)
+            totals.update({f"{name}/{k}": v for k, v in flat.items()})
+    return totals
+
+
+def convert(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
+            overwrite: bool = False) -> Path:
     """`convert_pipeline` for a pipeline folder (with model_index.json), else `convert_unet`."""
     if is_pipeline_folder(src):
-        return convert_pipeline(src, dst, dtype, variant, progress)
-    return convert_unet(src, dst, dtype, variant, progress)
+        return convert_pipeline(src, dst, dtype, variant, progress, overwrite)
+    return convert_unet(src, dst, dtype, variant, progress, overwrite)

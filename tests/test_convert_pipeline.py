@@ -3,6 +3,7 @@
 import functools
 import json
 import shutil
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -11,10 +12,13 @@ import torch
 from safetensors import safe_open
 from transformers import CLIPTokenizer
 
+from distrifusion_jax import convert as convert_module
 from distrifusion_jax import keymap
 from distrifusion_jax.cli import main as cli_main
-from distrifusion_jax.convert import PIPELINE_MODELS, convert_pipeline
+from distrifusion_jax.convert import PIPELINE_MODELS, convert, convert_pipeline, convert_unet
 from distrifusion_jax.errors import CheckpointError, ConfigError
+from distrifusion_jax.config import DistriConfig
+from distrifusion_jax.pipeline import DistriSDXLPipeline
 from distrifusion_jax.tiny import UNET, VAE, tiny_params, write_tiny_pipeline
 from distrifusion_jax.weights import load_text_encoder, load_unet, load_vae
 from distrifusion_jax.weights.clip import text_encoder_key_map
@@ -143,3 +147,116 @@ def test_missing_component_and_non_pipeline_folder(tiny_diffusers, tmp_path, cap
         convert_pipeline(tmp_path / "empty", tmp_path / "out", progress=False)
     with pytest.raises(CheckpointError, match="must differ"):
         convert_pipeline(tiny_diffusers, tiny_diffusers, progress=False)
+
+
+# ---- a safe destination: never the source, never mixed, written whole or not at all ----
+def snapshot(folder) -> dict:
+    """{relative path: contents} of every file under `folder`: the bytes, for safetensors files the header
+    as a dict (its metadata's key order varies between writes) and the tensor bytes."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            raw = p.read_bytes()
+            if p.suffix == ".safetensors":
+                n = int.from_bytes(raw[:8], "little")
+                raw = (json.loads(raw[8:8 + n]), raw[8 + n:])
+            out[str(p.relative_to(folder))] = raw
+    return out
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_non_empty_destination_needs_overwrite(tiny_diffusers, converted, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert cli_main(["convert", str(tiny_diffusers), str(out), "--dtype", "bfloat16"]) == 2
+    assert "exists and is not empty; pass --overwrite" in one_line_error(capsys)
+    assert snapshot(out) == {"notes.txt": b"keep me"}
+    assert cli_main(["convert", str(tiny_diffusers), str(out), "--dtype", "bfloat16", "--overwrite"]) == 0
+    assert f"to {out} in " in capsys.readouterr().err  # the summary names the real destination
+    assert snapshot(out) == snapshot(converted)  # the old contents are gone, the new equal a fresh conversion
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    (tmp_path / "empty").mkdir()  # an empty folder needs no --overwrite
+    convert_unet(tiny_diffusers / "unet", tmp_path / "empty", progress=False)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "flax_params.safetensors"]
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        convert_unet(tiny_diffusers / "unet", tmp_path / "empty", progress=False)
+
+
+def test_overlapping_or_file_destinations_are_refused(tiny_diffusers, tmp_path, capsys):
+    before = snapshot(tiny_diffusers)
+    unet = tiny_diffusers / "unet"
+    for src, dst in [(tiny_diffusers, tiny_diffusers / "converted"), (unet, unet / "converted"),
+                     (unet, tiny_diffusers), (tiny_diffusers / ".." / tiny_diffusers.name / "unet", tiny_diffusers)]:
+        with pytest.raises(CheckpointError, match="the output and source folders must not overlap"):
+            convert(src, dst, progress=False, overwrite=True)  # overwrite=True: would delete the source
+    (tmp_path / "link").symlink_to(unet)
+    with pytest.raises(CheckpointError, match="must differ"):
+        convert_unet(unet, tmp_path / "link", progress=False, overwrite=True)
+    assert snapshot(tiny_diffusers) == before  # byte for byte, nothing added
+    (tmp_path / "link").unlink()
+    (tmp_path / "file").write_text("not a folder")
+    for src in (tiny_diffusers, unet):
+        assert cli_main(["convert", str(src), str(tmp_path / "file"), "--overwrite"]) == 2
+        assert "file exists and is not a folder" in one_line_error(capsys)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt  # as Ctrl-C would, after the UNet was written
+
+
+def disk_full(*args, **kwargs):
+    raise OSError("disk full")
+
+
+def test_a_failed_conversion_leaves_no_output(tiny_diffusers, converted, tmp_path, monkeypatch):
+    monkeypatch.setitem(convert_module.READERS, "vae", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert_pipeline(tiny_diffusers, tmp_path / "new", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the destination nor a partial folder
+    good = tmp_path / "good"
+    shutil.copytree(converted, good)
+    before = snapshot(good)
+    monkeypatch.setitem(convert_module.READERS, "vae", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        convert_pipeline(tiny_diffusers, good, dtype="float32", progress=False, overwrite=True)
+    assert snapshot(good) == before  # the old conversion is intact, not float32 in part
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]
+
+
+def broken_copy(folder, dst, edit):
+    shutil.copytree(folder, dst)
+    edit(dst)
+    return dst
+
+
+def test_bad_tokenizers_are_refused_before_writing(tiny_diffusers, tmp_path, capsys):
+    no_merges = broken_copy(tiny_diffusers, tmp_path / "no_merges",
+                            lambda f: (f / "tokenizer_2" / "merges.txt").unlink())
+    assert cli_main(["convert", str(no_merges), str(tmp_path / "out")]) == 2
+    err = one_line_error(capsys)
+    assert "tokenizer_2: no vocab.json/merges.txt (nor tokenizer.json) (only vocab.json)" in err
+    assert "copy the tokenizer_2 folder of the original pipeline" in err
+
+    def grow_vocab(folder):
+        path = folder / "text_encoder" / "config.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), vocab_size=50000)))
+
+    wrong_size = broken_copy(tiny_diffusers, tmp_path / "wrong_size", grow_vocab)
+    with pytest.raises(CheckpointError, match="tokenizer: the vocabulary has 49408 tokens but the text encoder "
+                                              "embeds 50000"):
+        convert_pipeline(wrong_size, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_from_pretrained_checks_tokenizers_without_transformers(converted, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the runtime never imports it: this load gets as far
+    bad = broken_copy(converted, tmp_path / "bad", lambda f: (f / "tokenizer" / "merges.txt").unlink())
+    with pytest.raises(CheckpointError, match=r"tokenizer: no vocab.json/merges.txt .*copy the tokenizer folder"):
+        DistriSDXLPipeline.from_pretrained(bad, DistriConfig(64, 64, devices=1), dtype=np.float32)

@@ -3,10 +3,9 @@
 from .files import (CONVERTED_WEIGHTS, DIFFUSERS_WEIGHTS, DTYPES, check_folder, check_keys, find_weight_files,
                     read_params, read_safetensors, read_shapes, resolve_dtype)
 from .unet import load_unet, read_unet_params, save_unet_diffusers
-from .clip import convert_text_encoder, load_text_encoder
-from .vae import convert_vae, load_vae
+from .clip import load_text_encoder
+from .vae import load_vae
 
 __all__ = ["CONVERTED_WEIGHTS", "DIFFUSERS_WEIGHTS", "DTYPES", "check_folder", "check_keys", "find_weight_files",
            "read_params", "read_safetensors", "read_shapes", "resolve_dtype", "load_unet", "read_unet_params",
-           "save_unet_diffusers", "load_text_encoder", "convert_text_encoder",
-           "load_vae", "convert_vae"]
+           "save_unet_diffusers", "load_text_encoder", "load_vae"]

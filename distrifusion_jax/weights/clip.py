@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Optional
 
 import jax.numpy as jnp
@@ -52,17 +50,3 @@ def load_text_encoder(path, dtype=jnp.float32, variant: Optional[str] = None, pa
     cls, config, flat = read_text_encoder_params(path, param_dtype, variant)
     model = cls(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype))
     return model, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-
-
-def convert_text_encoder(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True) -> Path:
-    """Convert a transformers text encoder folder `src` into `dst` (config.json + flax_params.safetensors).
-
-    `load_text_encoder(dst)` then gives exactly the parameters `load_text_encoder(src)` gives (cast to `dtype`).
-    """
-    from ..convert import tensor_progress, write_converted  # here, not at the top: convert imports this package
-
-    dt = resolve_dtype(dtype)
-    start = time.perf_counter()
-    cls, config, flat = read_text_encoder_params(src, dt, variant,
-                                                 progress=tensor_progress("converting text encoder", progress))
-    return write_converted(dst, flat, dict(config.to_dict(), architectures=[cls.__name__]), src, dt, start, progress)

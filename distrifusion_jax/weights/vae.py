@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
-from pathlib import Path
 from typing import Optional
 
 import jax.numpy as jnp
@@ -63,15 +61,3 @@ def load_vae(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype
     vae = AutoencoderKL(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype),
                         attention_impl=attention_impl)
     return vae, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-
-
-def convert_vae(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True) -> Path:
-    """Convert a diffusers VAE folder `src` into `dst` (config.json + flax_params.safetensors), as
-    `convert_unet` does for the UNet: `load_vae(dst)` gives exactly the parameters of `load_vae(src)`
-    (cast to `dtype`)."""
-    from ..convert import tensor_progress, write_converted  # here, not at the top: convert imports this package
-
-    dt = resolve_dtype(dtype)
-    start = time.perf_counter()
-    config, flat = read_vae_params(src, dt, variant, progress=tensor_progress("converting vae", progress))
-    return write_converted(dst, flat, config.to_dict(), src, dt, start, progress)
