@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -19,8 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import MODES, DistriConfig, UNetConfig
+from .config import MODES, DistriConfig, UNetConfig, read_json
+from .distributed import devices as jax_devices
 from .errors import CheckpointError, ConfigError, DistriFusionError
+from .generate import seed_arg
+from .preflight import check_steps
+from .schedulers import make_scheduler
 
 CONFIGS = ("single", "full_sync", "displaced", "naive_patch", "tensor")
 # Execution order: per-device memory roughly ascending, so that each configuration raises the
@@ -124,7 +129,7 @@ def unet_config_of(args) -> UNetConfig:
 @functools.lru_cache(maxsize=None)
 def model_root(model) -> Path:
     """The pipeline folder of --model (a hub id resolves through the local cache), with unet/ and vae/."""
-    from .pipeline import resolve_model_path
+    from .preflight import resolve_model_path
 
     root = resolve_model_path(model)
     missing = [c for c in ("unet", "vae") if not (root / c / "config.json").is_file()]
@@ -137,7 +142,7 @@ def model_root(model) -> Path:
 def scheduler_config(args) -> dict:
     """The pipeline's scheduler config, or SDXL's for random weights (the chosen class replaces its own)."""
     if args.model and (model_root(args.model) / "scheduler" / "scheduler_config.json").is_file():
-        return json.loads((model_root(args.model) / "scheduler" / "scheduler_config.json").read_text())
+        return read_json(model_root(args.model) / "scheduler" / "scheduler_config.json")
     text = resources.files(__package__).joinpath("configs", "sdxl-base-1.0", "scheduler", "scheduler_config.json")
     return json.loads(text.read_text())
 
@@ -188,8 +193,6 @@ def random_inputs(config: UNetConfig, args, sigma: float, sharding):
 def build(args, config: UNetConfig, devices) -> Setup:
     """Weights and inputs on the devices, replicated once and shared by every configuration."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    from .schedulers import make_scheduler
 
     replicated = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P())
     first = jax.sharding.SingleDeviceSharding(devices[0])
@@ -433,8 +436,6 @@ def dry_run(configs: dict, unet_config: UNetConfig, args, log) -> dict:
     from .denoise import Denoiser
     from .models import UNet2DConditionModel
     from .parallel.report import Case, abstract_inputs
-    from .schedulers import make_scheduler
-
     dtype = DTYPES[args.dtype]
     unet = UNet2DConditionModel(unet_config, dtype=dtype, param_dtype=dtype)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), unet.abstract_params())
@@ -572,8 +573,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time one displaced step against one naive-patch step of the same shapes")
     p.add_argument("--dry-run", action="store_true",
                    help="only build each configuration and lower its loop with abstract weights (no memory)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder must exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -599,6 +601,22 @@ def check_args(args) -> None:
             raise DistriFusionError(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.devices is not None and args.devices < 1:
         raise DistriFusionError(f"--devices {args.devices}: must be at least 1")
+    if args.json:
+        check_json_path(args.json, args.overwrite)
+
+
+def check_json_path(path, overwrite: bool = False) -> None:
+    """The report can be written there: checked before the run, not after it (minutes on a GPU)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"--json {path} is a folder; name a file in it, e.g. {p / 'report.json'}")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"--json {path} already exists; pass --overwrite to replace it, or choose another name")
+    if not p.parent.is_dir():
+        raise ConfigError(f"--json {path}: folder {p.parent} does not exist; create it first (mkdir -p {p.parent}) "
+                          "or write elsewhere")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--json {path}: folder {p.parent} is not writable; write the report elsewhere")
 
 
 def run(args) -> dict:
@@ -609,13 +627,14 @@ def run(args) -> dict:
         except RuntimeError:
             pass  # already started (a caller in this process): the devices JAX has are used
     check_args(args)
-    available = jax.devices()
+    available = jax_devices()
     if args.devices and args.devices > len(available):
         raise DistriFusionError(f"--devices {args.devices} but JAX sees {len(available)} ({available[0].platform})")
     devices = available[: args.devices or len(available)]
     unet_config = unet_config_of(args)
     configs = distri_configs(args, len(devices))
     check_configs(dict(configs, overhead=overhead_config(args, len(devices))), unet_config)
+    check_steps(make_scheduler(args.scheduler, scheduler_config(args)), args.steps, "--steps")
     report = dict(model=args.model or f"random {args.random}", height=args.height, width=args.width,
                   batch=args.batch, steps=args.steps, scheduler=args.scheduler, dtype=args.dtype,
                   vae_dtype=args.vae_dtype, guidance_scale=args.guidance_scale, warmup_steps=args.warmup_steps,

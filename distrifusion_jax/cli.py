@@ -1,4 +1,4 @@
-"""Command line: `distrifusion-jax generate ...` and `distrifusion-jax convert SRC DST` (also `python -m distrifusion_jax`)."""
+"""Command line: `distrifusion-jax generate|benchmark|convert ...` (also `python -m distrifusion_jax`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .errors import DistriFusionError
 def _convert(args) -> None:
     from .convert import convert
 
-    convert(args.src, args.dst, dtype=args.dtype, variant=args.variant)
+    convert(args.src, args.dst, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,23 +34,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "
                                "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or UNet folder "
                                "(config.json + diffusion_pytorch_model[.fp16].safetensors)")
-    p.add_argument("dst", help="output folder: the same pipeline layout, each model as config.json + "
-                               "flax_params.safetensors (a UNet folder: just those two files)")
+    p.add_argument("dst", help="output folder, new or empty, outside SRC: the same pipeline layout, each model as "
+                               "config.json + flax_params.safetensors (a UNet folder: just those two files); "
+                               "written whole or not at all")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="parameter dtype to store (default: float32, lossless; bfloat16 is the usual choice "
                         "for SDXL and halves the size); a pipeline's VAE stays float32 if it has force_upcast")
     p.add_argument("--variant", default=None, choices=["fp16", "bf16"],
                    help="read this weight variant of SRC (default: full precision, else fp16, else bf16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists and is not empty (the old folder is deleted only once the new "
+                        "one is complete)")
     p.set_defaults(func=_convert)
     return parser
 
 
+# Python names in shared error messages -> the options that set them on the command line
+_CLI_NAMES = {"split_batch=False": "--no-split-batch"}
+
+
+def for_cli(message: str) -> str:
+    """An error message with the Python names of settings replaced by their command-line options."""
+    for name, option in _CLI_NAMES.items():
+        message = message.replace(name, option)
+    return message
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (2 with a one-line `error: ...` for bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a parse error already printed in one line
+        return int(e.code or 0)
     try:
         args.func(args)
     except DistriFusionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {for_cli(str(e))}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,8 @@ import json
 from importlib import resources
 from typing import Any, Optional
 
+import numpy as np
+
 from .errors import ConfigError
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -202,6 +204,40 @@ def _fmt_allowed(allowed) -> str:
     return ", ".join(repr(a) for a in allowed)
 
 
+def _as_int(value) -> Optional[int]:
+    """`value` as a Python int if it is an integer (numpy's included), else None.
+
+    bool is refused: `True` would pass for 1 and hide a misplaced argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
+_DEVICES_FORMS = ("pass None (all of jax.devices()), a positive int (the first N of jax.devices()) or a "
+                  "non-empty list of jax devices")
+
+
+def _check_devices(devices):
+    """DistriConfig.devices normalised (an int, a tuple of devices or None), or a one-line ConfigError."""
+    if devices is None:
+        return None
+    n = _as_int(devices)
+    if n is not None:
+        if n < 1:
+            raise ConfigError(f"devices={devices} must be at least 1: {_DEVICES_FORMS}")
+        return n
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, (list, tuple)):
+        raise ConfigError(f"devices={devices!r} is not supported: {_DEVICES_FORMS}")
+    import jax  # only for the Device type: no backend is started here
+
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ConfigError(f"devices={list(devices)!r} is not supported: {_DEVICES_FORMS}")
+    if len(set(devices)) != len(devices):
+        raise ConfigError(f"devices lists a device more than once ({list(devices)!r}): list each device once")
+    return tuple(devices)
+
+
 def _preset(name: str) -> dict:
     text = resources.files(__package__).joinpath("configs", name, "unet", "config.json").read_text()
     return json.loads(text)
@@ -290,15 +326,16 @@ class DistriConfig:
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}: use one of {_fmt_allowed(allowed)}")
         for name in ("height", "width"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 8:
-                raise ConfigError(f"{name}={v!r} must be a positive multiple of 8 (the VAE's downsampling)")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            v = _as_int(getattr(self, name))
+            if v is None or v <= 0 or v % 8:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive multiple of 8 (the VAE's "
+                                  f"downsampling){', given as an int' if v is None else ''}")
+            object.__setattr__(self, name, v)
+        warmup = _as_int(self.warmup_steps)
+        if warmup is None or warmup < 0:
             raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be an int >= 0")
-        if isinstance(self.devices, int) and self.devices < 1:
-            raise ConfigError(f"devices={self.devices} must be at least 1")
-        if isinstance(self.devices, list):
-            object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "warmup_steps", warmup)
+        object.__setattr__(self, "devices", _check_devices(self.devices))
 
     @property
     def latent_height(self) -> int:
@@ -347,7 +384,8 @@ class DistriConfig:
             if size % (patches * f):
                 unit = 8 * patches * f
                 lo, hi = (8 * size) // unit * unit, ((8 * size) // unit + 1) * unit
+                examples = f"{lo} or {hi}" if lo else f"{hi}"
                 raise ConfigError(
                     f"{name}={8 * size} does not split into {patches} patches: the latent {name} {size} must be "
                     f"divisible by {patches} x 2^{unet_config.num_downsamplers}; use a multiple of {unit} "
-                    f"(e.g. {lo or unit} or {hi}) or fewer devices")
+                    f"(e.g. {examples}) or fewer devices")

@@ -220,6 +220,25 @@ def _start(address, n, pid, local_device_ids, timeout_s: int, bind) -> None:
 
 
 # ---- processes and devices ----
+def devices() -> list:
+    """`jax.devices()`, or a one-line ConfigError naming the platform asked for when JAX cannot start it.
+
+    JAX raises a bare AssertionError (a platform whose plugin is not installed, e.g. JAX_PLATFORMS=cuda
+    with CPU-only jaxlib) or a RuntimeError (a plugin without its hardware or driver).
+    """
+    try:
+        return jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+        why = str(e).split(" (set JAX_PLATFORMS")[0].splitlines()[0] if str(e) else "its plugin is not installed"
+        if not asked:
+            raise ConfigError(f"JAX cannot start a backend ({why}); check the accelerator's driver, or set "
+                              "JAX_PLATFORMS=cpu to run on the CPU") from None
+        raise ConfigError(f"JAX_PLATFORMS={asked}: JAX cannot start {asked!r} ({why}); unset JAX_PLATFORMS (or set "
+                          "it to cpu) to use what this machine has, or install JAX for that platform where it "
+                          "exists (e.g. pip install -U 'jax[cuda12]' on a host with NVIDIA GPUs)") from None
+
+
 def is_main_process() -> bool:
     """Process 0: the one that writes files and prints (always true in a single-process run)."""
     return jax.process_index() == 0

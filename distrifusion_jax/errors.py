@@ -1,6 +1,11 @@
 """Exception types: every user-facing failure is one of these, with a one-line message naming the fix."""
 
 
+def show(name: str, value) -> str:
+    """An option as the user wrote it: `--steps 3` on the command line, `num_inference_steps=3` in Python."""
+    return f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+
+
 class DistriFusionError(ValueError):
     """Base class for errors caused by the user's input (shapes, configs, files)."""
 
@@ -15,3 +20,7 @@ class CheckpointError(DistriFusionError):
 
 class NonFiniteError(DistriFusionError):
     """A latent or image went NaN or infinite: nothing is returned or written as if it were a result."""
+
+
+class OutOfMemoryError(DistriFusionError):
+    """A device ran out of memory: the message names the size, the devices and the options that use less."""

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import secrets
 import sys
+from pathlib import Path
 
-from .config import MODES, PARALLELISMS, SPLIT_SCHEMES
+from .config import MODES, PARALLELISMS, SPLIT_SCHEMES, DistriConfig
+from .errors import ConfigError, DistriFusionError
+from .arguments import SEED_LIMIT
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: a whole number in [0, 2^63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: pass a seed 0 <= seed < 2^63") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: pass a seed 0 <= seed < 2^63 (e.g. 0)")
+    return value
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -23,7 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--scheduler", default=None, choices=["ddim", "euler", "dpm-solver"],
                    help="default: the checkpoint's scheduler_config.json")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--mode", default="corrected_async_gn", choices=MODES)
     p.add_argument("--parallelism", default="patch", choices=PARALLELISMS)
@@ -33,7 +50,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="number of devices (default: all); without accelerators, N CPU devices are created "
                         "(with several processes: the total, N / processes each)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--output", default="image.png", help="image file to write (PNG, JPEG, ...)")
+    p.add_argument("--output", default="image.png",
+                   help="image file to write (PNG, JPEG, ...: by its extension), in an existing folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     p.add_argument("--compile-cache", default=None, metavar="DIR|off",
                    help="persistent compilation cache (default: $DISTRIFUSION_JAX_CACHE or "
                         "~/.cache/distrifusion-jax/xla); 'off' disables it")
@@ -54,8 +73,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     mem.add_argument("--stale-kv-dtype", default=None, choices=["bfloat16", "float8_e4m3fn", "int8"],
                      help="store and exchange those tokens narrower (default: the compute dtype)")
     mem.add_argument("--decode-tile-rows", type=int, default=None, metavar="ROWS",
-                     help="when the VAE decodes on one device, decode in overlapping tiles of ROWS latent rows "
-                          "(memory of one tile, approximate like diffusers' VAE tiling; e.g. 64)")
+                     help="with one device, decode in overlapping tiles of ROWS >= 16 latent rows (memory of "
+                          "one tile, approximate like diffusers' VAE tiling; e.g. 64); several devices decode "
+                          "row-sharded instead")
     hosts = p.add_argument_group(
         "multiple hosts", "one process per host, each started with the same --coordinator and --num-processes and "
         "its own --process-id; under SLURM (srun) or Open MPI (mpirun) the launcher supplies what is left out")
@@ -76,45 +96,57 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    """Generate and save; user errors are raised as DistriFusionError (the CLI prints them in one line)."""
-    import jax
+    """Generate and save; user errors are raised as DistriFusionError (the CLI prints them in one line).
 
+    Everything that needs no weights is checked first (arguments, devices, output file, model
+    configs, size, steps, tiles, kernels), so a mistake costs seconds, not a load and a compilation.
+    """
     from .distributed import initialize, is_main_process
-    from .errors import DistriFusionError
+    from .pipeline import DistriSDXLPipeline
+    from .preflight import read_model, resolve_model_path
 
+    check_numbers(args)
     # before any other JAX use: afterwards jax.devices() lists every process's devices
     processes = initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout,
                            bind_address=args.coordinator_bind)
-    if args.devices is not None and args.devices > 0:
-        if args.devices % processes:
-            raise DistriFusionError(f"--devices {args.devices} over {processes} processes: use a multiple of "
-                                    f"{processes} (the total; each process brings its share)")
-        # only the CPU backend reads this (devices per process); it must precede any JAX computation
-        jax.config.update("jax_num_cpu_devices", args.devices // processes)
-    import jax.numpy as jnp
-    from tqdm.auto import tqdm
-
-    from .config import DistriConfig
-    from .pipeline import DistriSDXLPipeline
-
-    config = DistriConfig(height=args.height, width=args.width, devices=args.devices,
-                          split_batch=not args.no_split_batch, warmup_steps=args.warmup_steps, mode=args.mode,
-                          parallelism=args.parallelism, split_scheme=args.split_scheme, stale_kv=args.stale_kv,
-                          stale_kv_dtype=args.stale_kv_dtype)
-    if args.steps < 1:
-        raise DistriFusionError(f"--steps {args.steps}: need at least one step")
-    devices = config.resolve_devices()
-    layout = "x".join(map(str, config.layout(len(devices))))
+    devices = run_devices(args.devices, processes)
     main = is_main_process()  # only process 0 prints and writes; the others run the same program silently
-    where = f" in {processes} processes" if processes > 1 else ""
+    fmt = check_output(args.output, args.overwrite) if main else None
+    config = distri_config(args)
+    cfg, patches = check_run(args, config, devices)
+    files = read_model(resolve_model_path(args.model))
+    check_model_fit(args, config, files, devices)
     if main:
-        print(f"loading {args.model} ({args.dtype}) for {len(devices)} {devices[0].platform} device(s){where}, mesh "
-              f"(cfg x patch) {layout}, {args.parallelism}/{args.mode}, warmup {args.warmup_steps}", file=sys.stderr)
+        announce(args, devices, processes, cfg, patches)
+    import jax.numpy as jnp
+
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    pipe = DistriSDXLPipeline.from_pretrained(args.model, config, dtype=dtype, scheduler=args.scheduler,
+    pipe = DistriSDXLPipeline.from_pretrained(files.root, config, dtype=dtype, scheduler=args.scheduler,
                                               compilation_cache=args.compile_cache, attention_impl=args.attention,
                                               vae_attention_impl=args.vae_attention,
                                               decode_tile_rows=args.decode_tile_rows)
+    out = generate(pipe, args, main)
+    if main:
+        save_image(out.images[0], args.output, fmt, args.overwrite)
+        t = out.timings
+        print(f"wrote {args.output} ({args.width}x{args.height}); compile {t['compile_s']:.1f} s, denoising "
+              f"{t['denoise_s']:.2f} s ({1e3 * t['denoise_s'] / args.steps:.1f} ms/step), decode "
+              f"{t['decode_s']:.2f} s, text encoding {t['encode_s']:.2f} s", file=sys.stderr)
+
+
+def announce(args, devices, processes: int, cfg: int, patches: int) -> None:
+    """The start line: what is loaded, onto which devices, in the layout the run will use."""
+    where = f" in {processes} processes" if processes > 1 else ""
+    axis = "tensor" if args.parallelism == "tensor" else "patch"
+    print(f"loading {args.model} ({args.dtype}) for {len(devices)} {devices[0].platform} device(s){where}, mesh "
+          f"(cfg x {axis}) {cfg}x{patches}, {args.parallelism}/{args.mode}, warmup {args.warmup_steps}",
+          file=sys.stderr)
+
+
+def generate(pipe, args, main: bool):
+    """Run the pipeline with a progress bar (process 0 only) and return its output."""
+    from tqdm.auto import tqdm
+
     if main:
         print("compiling the denoising loop (cached for later runs of the same shapes)...", file=sys.stderr)
     bars = []
@@ -127,22 +159,150 @@ def run(args) -> None:
         bars[0].update(i - bars[0].n)
 
     try:
-        out = pipe(args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
-                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                   guidance_rescale=args.guidance_rescale, seed=args.seed,
-                   progress=None if args.no_progress else progress)
-    except ValueError as e:  # e.g. a prompt list that does not fit the batch
+        return pipe(args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
+                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                    guidance_rescale=args.guidance_rescale, seed=args.seed,
+                    progress=None if args.no_progress else progress)
+    except DistriFusionError:
+        raise
+    except ValueError as e:  # any other input the pipeline refuses: its first line
         raise DistriFusionError(str(e).splitlines()[0]) from None
     finally:
         for bar in bars:
             bar.close()
-    if not main:
-        return
+
+
+# ---- checks before anything slow ----
+def check_numbers(args) -> None:
+    """Counts and scales the parser cannot bound."""
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: need at least one step (e.g. 30)")
+    for flag, value in (("--guidance-scale", args.guidance_scale), ("--guidance-rescale", args.guidance_rescale),
+                        ("--init-timeout", args.init_timeout)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} {value}: pass a finite number")
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError(f"--devices {args.devices}: pass at least 1 (or leave it out to use all)")
+
+
+def run_devices(requested, processes: int) -> tuple:
+    """This run's devices: the first `requested` (default all) of every process's.
+
+    Without accelerators, `requested` CPU devices are created, which JAX allows only before it
+    starts; where it has started already (main() called by a program that used JAX), the devices it
+    has are used if there are enough.
+    """
+    import jax
+
+    from .distributed import devices
+
+    started = False
+    if requested is not None:
+        if requested % processes:
+            raise ConfigError(f"--devices {requested} over {processes} processes: use a multiple of {processes} "
+                              "(the total; each process brings its share)")
+        try:  # only the CPU backend reads this (devices per process)
+            jax.config.update("jax_num_cpu_devices", requested // processes)
+        except RuntimeError:
+            started = True
+    available = devices()
+    if requested is not None and requested > len(available):
+        why = (f"JAX was started in this process with {len(available)} before this command could create more"
+               if started else "this machine has no more")
+        raise ConfigError(f"--devices {requested} but JAX sees {len(available)} {available[0].platform} device(s) "
+                          f"({why}); pass --devices {len(available)} or fewer, or leave it out to use all")
+    return tuple(available[: requested or len(available)])
+
+
+def check_output(path, overwrite: bool) -> str:
+    """The PIL format to write `path` in, once its folder, name and extension are known to work."""
+    p = Path(os.fspath(path)).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"--output {path} is a folder; name an image file in it, e.g. {p / 'image.png'}")
+    folder = p.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--output {path}: folder {folder} does not exist; create it first (mkdir -p {folder}) "
+                          "or write elsewhere")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {path}: folder {folder} is not writable; write the image elsewhere")
+    fmt = image_format(p, path)
+    if p.exists() and not overwrite:
+        raise ConfigError(f"--output {path} already exists; pass --overwrite to replace it, or choose another name")
+    return fmt
+
+
+def image_format(p: Path, shown) -> str:
+    """The PIL format of `p`'s extension, if PIL can write an RGB image in it."""
+    import io
+
+    from PIL import Image
+
+    Image.init()  # registers every plugin's extensions
+    fmt = Image.registered_extensions().get(p.suffix.lower())
+    fix = "use .png, .jpg or .webp"
+    if not p.suffix:
+        raise ConfigError(f"--output {shown} has no file extension, which names the image format; {fix} "
+                          f"(e.g. {p.name}.png)")
+    if fmt is None or fmt not in Image.SAVE:
+        raise ConfigError(f"--output {shown}: Pillow cannot write {p.suffix} files; {fix}")
+    try:  # some formats take only some image modes (XBM: 1-bit)
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--output {shown}: Pillow cannot write an RGB image as {fmt} ({e}); {fix}") from None
+    return fmt
+
+
+def distri_config(args) -> DistriConfig:
+    """The DistriConfig of the run, with the CFG split only where the guidance scale uses it."""
+    return DistriConfig(height=args.height, width=args.width, devices=args.devices,
+                        do_classifier_free_guidance=args.guidance_scale > 1, split_batch=not args.no_split_batch,
+                        warmup_steps=args.warmup_steps, mode=args.mode, parallelism=args.parallelism,
+                        split_scheme=args.split_scheme, stale_kv=args.stale_kv, stale_kv_dtype=args.stale_kv_dtype)
+
+
+def check_run(args, config: DistriConfig, devices) -> tuple:
+    """(cfg, patch) mesh of the run; the layout, cache folder, decode tiles and attention kernels checked."""
+    from .cache import check_cache_dir
+    from .decode import check_tiles, check_tiles_apply
+    from .preflight import check_attention
+
+    layout = config.layout(len(devices))
+    check_cache_dir(args.compile_cache)
+    check_tiles(args.decode_tile_rows, name="--decode-tile-rows")
+    check_tiles_apply(args.decode_tile_rows, len(devices), config.latent_height, "--decode-tile-rows")
+    check_attention(args.attention, devices[0].platform, "--attention")
+    check_attention(args.vae_attention, devices[0].platform, "--vae-attention")
+    return layout
+
+
+def check_model_fit(args, config: DistriConfig, files, devices) -> None:
+    """The size against the UNet's downsampling on this layout, and the steps against the scheduler."""
+    from .preflight import check_steps, make_scheduler_of
+
+    config.check_model(files.unet, len(devices))
+    check_steps(make_scheduler_of(files, args.scheduler), args.steps, "--steps")
+
+
+def save_image(image, path, fmt: str, overwrite: bool) -> None:
+    """Write `image` to a temporary file in the output's folder, then rename it into place.
+
+    A failure or an interruption never leaves a half-written image, nor replaces a file that
+    appeared meanwhile unless `overwrite`.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.partial")
     try:
-        out.images[0].save(args.output)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+        if p.exists() and not overwrite:
+            raise ConfigError(f"--output {path} appeared while generating; pass --overwrite to replace it, or "
+                              "choose another name")
+        os.replace(tmp, p)
+    except DistriFusionError:
+        raise
     except (OSError, ValueError) as e:
-        raise DistriFusionError(f"cannot write {args.output}: {e}") from None
-    t = out.timings
-    print(f"wrote {args.output} ({args.width}x{args.height}); compile {t['compile_s']:.1f} s, denoising "
-          f"{t['denoise_s']:.2f} s ({1e3 * t['denoise_s'] / args.steps:.1f} ms/step), decode {t['decode_s']:.2f} s, "
-          f"text encoding {t['encode_s']:.2f} s", file=sys.stderr)
+        raise DistriFusionError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; check the free space "
+                                "and permissions of its folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # after the rename there is nothing left to remove

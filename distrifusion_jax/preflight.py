@@ -1,0 +1,210 @@
+"""Checks that need no weights, run before anything slow (weight loading, compilation): each a one-line error."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import check_cache_dir
+from .config import DistriConfig, UNetConfig, read_json
+from .decode import check_tiles, check_tiles_apply
+from .distributed import devices as jax_devices
+from .errors import CheckpointError, ConfigError, show
+from .schedulers import make_scheduler, scheduler_from_config
+from .tokenizer import load_tokenizer
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+STEP_SEARCH = 64  # how far below a refused step count to look for one the scheduler supports
+
+
+# ---- the model folder ----
+def resolve_model_path(path_or_hub_id) -> Path:
+    """A local pipeline folder, or a hub id looked up in huggingface_hub's local cache (then the network)."""
+    path = Path(os.fspath(path_or_hub_id)).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_hub_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"model folder {name} does not exist (and it is not a hub id like "
+                              "'stabilityai/stable-diffusion-xl-base-1.0')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - transformers brings huggingface_hub
+        raise CheckpointError(f"{name} is not a local folder and huggingface_hub is not installed") from None
+    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
+    try:
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
+    except Exception:  # noqa: BLE001 - not cached: try the network unless told not to
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise CheckpointError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                                  f"download it first (huggingface-cli download {name}) or pass a folder") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{name} is not in the local Hugging Face cache and could not be downloaded "
+                              f"({type(e).__name__}); download it where the network is reachable or pass a "
+                              "local folder") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """A pipeline folder's configuration files, read and checked: everything known before a weight is read."""
+
+    root: Path
+    index: dict
+    unet: UNetConfig
+    vae: dict
+    scheduler: dict
+    tokenizers: Any  # both, validated against their text encoder's vocabulary
+
+
+def read_json_file(root: Path, rel: str) -> dict:
+    """`root/rel` as a JSON object; CheckpointError if missing or unreadable, ConfigError if not valid JSON."""
+    path = root / rel
+    if not path.is_file():
+        raise CheckpointError(f"{root}: no {rel}; this is not a complete SDXL pipeline folder: download or "
+                              "convert it again (distrifusion-jax convert)")
+    try:
+        return read_json(path)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; repair the file, or download or convert the model again") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); check its permissions, "
+                              "or download or convert the model again") from None
+
+
+def read_model(root: Path) -> ModelFiles:
+    """The configuration files of the SDXL pipeline folder `root` (already resolved from a hub id)."""
+    if not (root / "model_index.json").is_file():
+        raise CheckpointError(f"{root}: no model_index.json; pass an SDXL pipeline folder (with unet/, vae/, "
+                              "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)")
+    index = read_json_file(root, "model_index.json")
+    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"{root}: missing component folder(s) {', '.join(missing)} of an SDXL pipeline; "
+                              "download or convert the whole pipeline again")
+    unet = UNetConfig.from_dict(read_json_file(root, "unet/config.json"))
+    tokenizers = [load_tokenizer(root / name, vocab_size=read_json_file(root, f"{encoder}/config.json").get("vocab_size"),
+                                 what=name) for name, encoder in (("tokenizer", "text_encoder"),
+                                                                  ("tokenizer_2", "text_encoder_2"))]
+    return ModelFiles(root, index, unet, read_json_file(root, "vae/config.json"),
+                      read_json_file(root, "scheduler/scheduler_config.json"), tokenizers)
+
+
+# ---- layout, scheduler, kernels ----
+def check_layout(distri_config: DistriConfig, unet_config: UNetConfig, n_devices: int) -> None:
+    """Whether the size and device count fit the UNet in a layout a call may use (`from_pretrained`).
+
+    The guidance scale, hence the CFG split, is known only at the call (guidance <= 1 runs without
+    it): a config that fits without the split is accepted here, and a call that needs the split
+    after all fails then, before compiling.
+    """
+    layouts = [distri_config]
+    if distri_config.do_classifier_free_guidance and distri_config.split_batch:
+        layouts.append(dataclasses.replace(distri_config, do_classifier_free_guidance=False))
+    errors = []
+    for config in layouts:
+        try:
+            config.check_model(unet_config, n_devices)
+            return
+        except ConfigError as e:
+            errors.append(e)
+    raise errors[0]  # the layout as configured (with the CFG split): what the default guidance uses
+
+
+def make_scheduler_of(files: ModelFiles, name=None):
+    """The scheduler a run will use: `name` configured from the folder's config, else the config's own class."""
+    return make_scheduler(name, files.scheduler) if name else scheduler_from_config(files.scheduler)
+
+
+def check_schedule(sched, num_inference_steps) -> int:
+    """The number of steps, if the scheduler's config gives that many distinct in-range timesteps.
+
+    `check_steps` bounds it by num_train_timesteps, but some configs fail below that: DDIM's "leading"
+    spacing with steps_offset=1 indexes timestep 1000 at 1000 steps, DPM-Solver's repeats one
+    timestep at 1000 (diffusers behaves the same). Tracing `init` abstractly finds the first
+    without any device work.
+    """
+    n = sched.check_steps(num_inference_steps)
+    where = (f"num_inference_steps={n} does not fit the {sched.name} scheduler's config (timestep_spacing="
+             f"{sched.timestep_spacing!r}, steps_offset={sched.steps_offset}, num_train_timesteps="
+             f"{sched.num_train_timesteps})")
+    try:
+        ts = np.asarray(sched.timesteps(n))
+        jax.eval_shape(lambda x: sched.init(n, x), jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32))
+    except IndexError:
+        raise ConfigError(f"{where}: its timesteps run past the last training timestep; use fewer steps") from None
+    if len(np.unique(ts)) != len(ts):
+        raise ConfigError(f"{where}: its {len(ts)} timesteps repeat ({len(np.unique(ts))} distinct); use fewer "
+                          "steps") from None
+    return n
+
+
+def _steps_fit(scheduler, n: int) -> bool:
+    """Whether the pipeline accepts `n` steps of this scheduler (distinct timesteps it can index)."""
+    try:
+        check_schedule(scheduler, n)
+    except ConfigError:
+        return False
+    return True
+
+
+def check_steps(scheduler, steps: int, name: str = "num_inference_steps") -> None:
+    """ConfigError unless the scheduler turns `steps` into as many distinct timesteps, naming the most it takes.
+
+    The limit is num_train_timesteps or a little less, depending on the config: with SDXL's (1000
+    timesteps, "leading" spacing, steps_offset 1) Euler takes 1000 steps, DDIM 999 (at 1000 it would
+    index timestep 1000) and DPM-Solver 999 (at 1000 a timestep repeats).
+    """
+    if steps < 1:
+        raise ConfigError(f"{show(name, steps)}: need at least one step (e.g. 30)")
+    if _steps_fit(scheduler, steps):
+        return
+    top = min(steps - 1, scheduler.num_train_timesteps)
+    best = next((n for n in range(top, max(0, top - STEP_SEARCH), -1) if _steps_fit(scheduler, n)), None)
+    what = (f"the {scheduler.name} scheduler ({scheduler.num_train_timesteps} training timesteps, timestep_spacing "
+            f"{scheduler.timestep_spacing!r}, steps_offset {scheduler.steps_offset})")
+    fix = f"takes at most {best} steps; use {best} or fewer" if best else f"does not take {steps} steps; use fewer"
+    raise ConfigError(f"{show(name, steps)}: {what} {fix}")
+
+
+def check_attention(impl, platform: str, name: str = "attention_impl") -> None:
+    """cuDNN attention exists only on NVIDIA GPUs: refuse it elsewhere before anything is loaded."""
+    if impl == "cudnn" and platform != "gpu":
+        raise ConfigError(f"{show(name, impl)} needs an NVIDIA GPU (cuDNN) but this run is on {platform}; use "
+                          "'xla', 'chunked' or 'auto' instead (or leave it unset)")
+
+
+# ---- everything from_pretrained can check ----
+def check_distri_config(distri_config) -> DistriConfig:
+    """`distri_config`, or the default for None; ConfigError for anything else (a dict, a size)."""
+    if distri_config is None:
+        return DistriConfig()
+    if not isinstance(distri_config, DistriConfig):
+        raise ConfigError(f"distri_config={distri_config!r} is a {type(distri_config).__name__}, not a DistriConfig: "
+                          "pass DistriConfig(height=..., width=..., devices=...), or None for the defaults")
+    return distri_config
+
+
+def check_pretrained(path_or_hub_id, distri_config=None, scheduler=None, attention_impl=None,
+                     vae_attention_impl=None, compilation_cache=None, parallel_decode: bool = True,
+                     decode_tile_rows=None) -> tuple[ModelFiles, DistriConfig]:
+    """What `from_pretrained` checks before reading a weight: (the folder's configuration files, the config)."""
+    distri_config = check_distri_config(distri_config)
+    check_tiles(decode_tile_rows, name="decode_tile_rows")
+    check_cache_dir(compilation_cache)
+    files = read_model(resolve_model_path(path_or_hub_id))
+    jax_devices()  # a platform JAX cannot start fails here in one line
+    devices = distri_config.resolve_devices()
+    check_layout(distri_config, files.unet, len(devices))
+    check_tiles_apply(decode_tile_rows, len(devices) if parallel_decode else 1, distri_config.latent_height)
+    check_attention(attention_impl, devices[0].platform, "attention_impl")
+    check_attention(vae_attention_impl, devices[0].platform, "vae_attention_impl")
+    make_scheduler_of(files, scheduler)  # an unknown scheduler name or class
+    return files, distri_config
