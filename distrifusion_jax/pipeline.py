@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .arguments import (check_latents, check_output_type, check_prompts, float_arg, int_arg, micro_conditioning,
+                        prng_key, SEED_LIMIT)
 from .cache import enable_compilation_cache
-from .config import DistriConfig, UNetConfig
+from .config import DistriConfig
 from .decode import Decoder
 from .denoise import Denoiser
 from .distributed import check_local_share, replicate, spans_processes, to_host
-from .errors import CheckpointError, DistriFusionError
+from .errors import ConfigError, OutOfMemoryError
+from .guards import check_decoded, check_denoised, is_out_of_memory, out_of_memory_message
 from .parallel import make_mesh
-from .prompts import PromptEncoder, as_list
+from .preflight import check_pretrained, check_schedule
+from .prompts import PromptEncoder, short_repr
 from .schedulers import make_scheduler, scheduler_from_config
 from .weights import load_text_encoder, load_unet
 from .weights.vae import load_vae
-
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
 
 @dataclasses.dataclass
 class PipelineOutput:
@@ -35,34 +34,6 @@ class PipelineOutput:
 
     images: Any
     timings: dict
-
-
-def resolve_model_path(path_or_hub_id) -> Path:
-    """A local pipeline folder, or a hub id looked up in huggingface_hub's local cache (then the network)."""
-    path = Path(os.fspath(path_or_hub_id)).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_hub_id)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"model folder {name} does not exist (and it is not a hub id like "
-                              "'stabilityai/stable-diffusion-xl-base-1.0')")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - transformers brings huggingface_hub
-        raise CheckpointError(f"{name} is not a local folder and huggingface_hub is not installed") from None
-    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
-    try:
-        return Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
-    except Exception:  # noqa: BLE001 - not cached: try the network unless told not to
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise CheckpointError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                                  f"download it first (huggingface-cli download {name}) or pass a folder") from None
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{name} is not in the local Hugging Face cache and could not be downloaded "
-                              f"({type(e).__name__}); download it where the network is reachable or pass a "
-                              "local folder") from None
 
 
 class DistriSDXLPipeline:
@@ -109,40 +80,29 @@ class DistriSDXLPipeline:
         ~/.cache/distrifusion-jax/xla), so a new process reuses compiled programs. `parallel_decode`:
         decode row-sharded over the DistriConfig's devices (exact; default) rather than on one device.
         `decode_tile_rows`: where the decode runs on one device, decode in overlapping tiles of this many
-        latent rows one after another (memory of one tile; approximate, like diffusers' VAE tiling).
+        latent rows (at least 16) one after another (memory of one tile; approximate, like diffusers' VAE
+        tiling); refused where the decode is row-sharded, as it would not apply.
+        Everything that needs no weight is checked before any is read (`preflight.check_pretrained`): the
+        folder's config files, the size and devices against the UNet (in a layout a call may use: the
+        CFG split only applies to calls with guidance_scale > 1), tiles, kernels, scheduler, cache folder.
         """
-        from transformers import CLIPTokenizer
-
+        # everything that needs no weight is checked first, so a mistake costs no load
+        files, distri_config = check_pretrained(path_or_hub_id, distri_config, scheduler, attention_impl,
+                                                vae_attention_impl, compilation_cache, parallel_decode,
+                                                decode_tile_rows)
         enable_compilation_cache(compilation_cache)
-        root = resolve_model_path(path_or_hub_id)
-        index_path = root / "model_index.json"
-        if not index_path.is_file():
-            raise CheckpointError(f"{root}: no model_index.json; pass an SDXL pipeline folder (with unet/, vae/, "
-                                  "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)")
-        index = json.loads(index_path.read_text())
-        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-        if missing:
-            raise CheckpointError(f"{root}: missing component folder(s) {', '.join(missing)} of an SDXL pipeline")
-        distri_config = distri_config or DistriConfig()
-        # a size or device count that does not fit fails before any weight is read
-        distri_config.check_model(UNetConfig.from_json(root / "unet" / "config.json"),
-                                  len(distri_config.resolve_devices()))
+        root = files.root
         unet, unet_params = load_unet(root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl)
-        vae_probe = json.loads((root / "vae" / "config.json").read_text())
-        vae_dtype = vae_dtype or (jnp.float32 if vae_probe.get("force_upcast", True) else dtype)
+        vae_dtype = vae_dtype or (jnp.float32 if files.vae.get("force_upcast", True) else dtype)
         vae, vae_params = load_vae(root / "vae", dtype=vae_dtype, variant=variant, attention_impl=vae_attention_impl)
         encoders, text_params = [], []
         for name in ("text_encoder", "text_encoder_2"):
             model, params = load_text_encoder(root / name, dtype=dtype, variant=variant)
             encoders.append(model)
             text_params.append(params)
-        tokenizers = [CLIPTokenizer.from_pretrained(str(root / name)) for name in ("tokenizer", "tokenizer_2")]
-        sched_path = root / "scheduler" / "scheduler_config.json"
-        if not sched_path.is_file():
-            raise CheckpointError(f"{sched_path} is missing")
-        return cls(unet, unet_params, vae, vae_params, encoders, text_params, tokenizers,
-                   json.loads(sched_path.read_text()), distri_config,
-                   index.get("force_zeros_for_empty_prompt", True), scheduler, parallel_decode, decode_tile_rows)
+        return cls(unet, unet_params, vae, vae_params, encoders, text_params, files.tokenizers, files.scheduler,
+                   distri_config, files.index.get("force_zeros_for_empty_prompt", True), scheduler, parallel_decode,
+                   decode_tile_rows)
 
     def scheduler_for(self, name: Optional[str] = None):
         name = name or self.default_scheduler
@@ -150,7 +110,11 @@ class DistriSDXLPipeline:
 
     def denoiser(self, distri_config: DistriConfig, scheduler, steps: int, guidance_rescale: float,
                  progress=None) -> Denoiser:
-        """The compiled loop for this (config, scheduler, steps, rescale), built once and reused."""
+        """The loop for this (config, scheduler, steps, rescale), built once and reused.
+
+        Building it checks the device layout and the size against the UNet but compiles nothing: the
+        program is compiled on the first call with given input shapes.
+        """
         key = (distri_config, scheduler, steps, float(guidance_rescale), progress is not None)
         if key not in self._denoisers:
             self._denoisers[key] = Denoiser(self.unet, distri_config, scheduler, steps,
@@ -169,52 +133,63 @@ class DistriSDXLPipeline:
         """Generate images; the size and the device layout come from the DistriConfig.
 
         `latents`: diffusers' layout (B, 4, H/8, W/8) and semantics (unit noise, multiplied here by the
-        scheduler's initial sigma), so a diffusers image can be reproduced exactly. `progress(i, n)`
-        is called as denoising steps complete. In a multi-process run (`distributed.initialize`) every
-        process calls this with the same arguments and gets the same images (gathered from the
-        global mesh; only process 0 needs to use them).
+        scheduler's initial sigma), so a diffusers image can be reproduced exactly. `seed`: an int in
+        [0, 2**63). `progress(i, n)` is called as denoising steps complete. Every argument is checked
+        before any encoding or compiling (a one-line ConfigError); latents or an image that went NaN
+        or infinite raise NonFiniteError, a device out of memory OutOfMemoryError. In a multi-process
+        run (`distributed.initialize`) every process calls this with the same arguments and gets the
+        same images (gathered from the global mesh; only process 0 needs to use them).
         """
-        if output_type not in ("pil", "np", "latent"):
-            raise DistriFusionError(f"unknown output_type {output_type!r}: use 'pil', 'np' or 'latent'")
-        timings = {}
-        t0 = time.perf_counter()
+        check_output_type(output_type)
+        batch = check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2)
+        per_prompt = int_arg("num_images_per_prompt", num_images_per_prompt, 1)
+        seed = int_arg("seed", seed, 0, SEED_LIMIT, "2**63")
+        guidance_scale = float_arg("guidance_scale", guidance_scale)
+        guidance_rescale = float_arg("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"progress={short_repr(progress)} is not callable: pass a function progress(i, n) "
+                              "or None")
         dc = self.distri_config
         do_cfg = guidance_scale > 1.0
         if dc.do_classifier_free_guidance != do_cfg:
             dc = dataclasses.replace(dc, do_classifier_free_guidance=do_cfg)
-        batch = len(as_list(prompt))
-        embeds, pooled = self.prompt_encoder(prompt, prompt_2, negative_prompt, negative_prompt_2, batch, do_cfg,
-                                             self.force_zeros_for_empty_prompt, num_images_per_prompt)
-        n_images = batch * num_images_per_prompt
-        h, w = dc.latent_height, dc.latent_width
-        time_ids = list(original_size or (dc.height, dc.width)) + list(crops_coords_top_left) + \
-            list(target_size or (dc.height, dc.width))
-        time_ids = jnp.tile(jnp.asarray([time_ids], jnp.float32), (embeds.shape[0], 1))
+        n_images = batch * per_prompt
+        time_ids = micro_conditioning(dc, original_size, crops_coords_top_left, target_size)
         sched = self.scheduler_for(scheduler)
-        sigma = sched.init_noise_sigma(num_inference_steps)
+        steps = check_schedule(sched, num_inference_steps)
+        latents = check_latents(latents, (n_images, 4, dc.latent_height, dc.latent_width), dc)
+        d = self.denoiser(dc, sched, steps, guidance_rescale, progress)  # layout checks; nothing compiled yet
+
+        timings = {}
+        t0 = time.perf_counter()
+        embeds, pooled = self.prompt_encoder(prompt, prompt_2, negative_prompt, negative_prompt_2, batch, do_cfg,
+                                             self.force_zeros_for_empty_prompt, per_prompt)
+        time_ids = jnp.tile(jnp.asarray([time_ids], jnp.float32), (embeds.shape[0], 1))
         if latents is None:
-            noise = jax.random.normal(jax.random.key(seed), (n_images, h, w, 4), jnp.float32)
+            noise = jax.random.normal(prng_key(seed), (n_images, dc.latent_height, dc.latent_width, 4), jnp.float32)
         else:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (n_images, 4, h, w):
-                raise DistriFusionError(f"latents have shape {latents.shape}; expected ({n_images}, 4, {h}, {w}) "
-                                        f"for {n_images} image(s) of {dc.height}x{dc.width}")
             noise = jnp.asarray(latents.transpose(0, 2, 3, 1))
         timings["encode_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        d = self.denoiser(dc, sched, num_inference_steps, guidance_rescale, progress)
-        out = d(self.unet_params, noise * sigma, embeds, {"text_embeds": pooled, "time_ids": time_ids},
-                guidance_scale=guidance_scale)
-        out = jax.block_until_ready(out)
+        sigma = sched.init_noise_sigma(steps)
+        with self.out_of_memory_as_error("denoising", dc, n_images, do_cfg, d.devices):
+            out = d(self.unet_params, noise * sigma, embeds, {"text_embeds": pooled, "time_ids": time_ids},
+                    guidance_scale=guidance_scale)
+            out = jax.block_until_ready(out)
+            host_latents = to_host(out)
+        check_denoised(d, host_latents, sched, self.unet.dtype, guidance_scale)
         timings["compile_s"] = d.last_compile_s
         timings["denoise_s"] = time.perf_counter() - t0 - d.last_compile_s
         timings["compiled"] = d.last_compile_s > 0
         if output_type == "latent":
-            return PipelineOutput(to_host(out).transpose(0, 3, 1, 2), timings)
+            return PipelineOutput(host_latents.transpose(0, 3, 1, 2), timings)
 
         t0 = time.perf_counter()
-        image = np.asarray(to_host(self.decoder(self.vae_params, out / self.vae.config.scaling_factor)), np.float32)
+        with self.out_of_memory_as_error("the VAE decode", dc, n_images, False, self.decoder.devices):
+            image = np.asarray(to_host(self.decoder(self.vae_params, out / self.vae.config.scaling_factor)),
+                               np.float32)
+        check_decoded(image, self.vae.dtype)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         timings["decode_s"] = time.perf_counter() - t0
         if output_type == "np":
@@ -223,4 +198,30 @@ class DistriSDXLPipeline:
 
         return PipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in image], timings)
 
+    @contextlib.contextmanager
+    def out_of_memory_as_error(self, stage: str, dc: DistriConfig, n_images: int, do_cfg: bool, devices):
+        """Turn a device's RESOURCE_EXHAUSTED inside the block into one OutOfMemoryError line (size, devices,
+        options that use less); any other runtime error passes through unchanged."""
+        try:
+            yield
+        except jax.errors.JaxRuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            weights = ("UNet", self.unet_params) if stage == "denoising" else ("VAE", self.vae_params)
+            raise OutOfMemoryError(out_of_memory_message(
+                stage, dc, n_images, do_cfg, devices, str(e), weights, self.memory_options(stage, dc))) from None
 
+    def memory_options(self, stage: str, dc: DistriConfig) -> list:
+        """The options that lower `stage`'s per-device memory and are not in effect already."""
+        if stage != "denoising":
+            return ["more devices (the decode is row-sharded over them)",
+                    "decode_tile_rows=64 (--decode-tile-rows 64) where it runs on one device",
+                    "vae_attention_impl='chunked' (--vae-attention chunked)"]
+        opts = ["more devices", "attention_impl='chunked' (--attention chunked)"]
+        if dc.stale_kv != "hidden":
+            opts.append("DistriConfig(stale_kv='hidden') (--stale-kv hidden)")
+        if dc.stale_kv_dtype != "int8":
+            opts.append("stale_kv_dtype='int8' (--stale-kv-dtype int8)")
+        if jnp.dtype(self.unet.dtype).itemsize > 2:
+            opts.append("dtype=jnp.bfloat16 (--dtype bfloat16)")
+        return opts

@@ -82,3 +82,35 @@ def test_missing_micro_conditioning_and_bad_timesteps(sdxl_unet):
     # the valid call works and keeps the input's spatial shape
     out = jax.eval_shape(unet.apply, {"params": params}, x, np.float32(5.0), ehs, added)
     assert out.shape == (2, 16, 24, 4)
+
+
+_DEVICE_FORMS = "pass None (all of jax.devices()), a positive int (the first N of jax.devices()) or a non-empty list"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(devices="2"), f"devices='2' is not supported: {_DEVICE_FORMS}"),
+    (dict(devices=[]), f"devices=[] is not supported: {_DEVICE_FORMS}"),
+    (dict(devices=2.5), f"devices=2.5 is not supported: {_DEVICE_FORMS}"),
+    (dict(devices=True), f"devices=True is not supported: {_DEVICE_FORMS}"),
+    (dict(devices=0), f"devices=0 must be at least 1: {_DEVICE_FORMS}"),
+    (dict(devices=[0, 1]), f"devices=[0, 1] is not supported: {_DEVICE_FORMS}"),
+    (dict(height=64.0), "height=64.0 must be a positive multiple of 8 (the VAE's downsampling), given as an int"),
+    (dict(width=True), "width=True must be a positive multiple of 8"),
+    (dict(warmup_steps=True), "warmup_steps=True must be an int >= 0"),
+    (dict(warmup_steps=1.0), "warmup_steps=1.0 must be an int >= 0"),
+])
+def test_bad_distri_config_fields_are_one_line(kwargs, message):
+    with pytest.raises(dj.ConfigError) as e:
+        dj.DistriConfig(**kwargs)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_distri_config_accepts_every_documented_form():
+    d = jax.devices()
+    assert dj.DistriConfig(devices=None).devices is None
+    c = dj.DistriConfig(height=np.int64(64), width=64, devices=np.int32(2), warmup_steps=np.int64(1))
+    assert (c.height, c.devices, c.warmup_steps) == (64, 2, 1) and type(c.height) is int and type(c.devices) is int
+    assert dj.DistriConfig(devices=[d[1], d[0]]).resolve_devices() == (d[1], d[0])  # a list becomes a tuple
+    hash(dj.DistriConfig(devices=list(d[:2])))  # hashable: it keys the compiled loops
+    with pytest.raises(dj.ConfigError, match="devices lists a device more than once"):
+        dj.DistriConfig(devices=[d[0], d[0]])

@@ -1,0 +1,118 @@
+"""Checks of a pipeline call's arguments: cheap, one line each, all done before any text encoding or compiling."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import numpy as np
+
+from .config import DistriConfig
+from .errors import ConfigError, NonFiniteError
+from .prompts import as_list, short_repr
+
+SEED_LIMIT = 2 ** 63  # seeds are the two 32-bit halves of a threefry key (as JAX builds it with 64-bit ints)
+
+
+def check_output_type(output_type) -> None:
+    """One of the three result kinds."""
+    if output_type not in ("pil", "np", "latent"):
+        raise ConfigError(f"unknown output_type {short_repr(output_type)}: use 'pil', 'np' or 'latent'")
+
+
+def check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2) -> int:
+    """The batch size (number of prompts); the other prompt arguments, when given, must fit it."""
+    if prompt is None:
+        raise ConfigError("prompt=None is not supported: pass a str or a non-empty list of str (precomputed "
+                          "prompt embeddings are not accepted)")
+    batch = len(as_list(prompt))
+    for name, value in (("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
+                        ("negative_prompt_2", negative_prompt_2)):
+        if value is not None:
+            as_list(value, batch, name)
+    return batch
+
+
+def int_arg(name: str, value, low: int, high: Optional[int] = None, high_text: Optional[str] = None) -> int:
+    """An integer argument (numpy's included; bool refused: True would pass for 1) in [low, high)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if ok and low <= value and (high is None or value < high):
+        return int(value)
+    bounds = f">= {low}" if high is None else f"in [{low}, {high_text or high})"
+    raise ConfigError(f"{name}={short_repr(value)} is not supported: pass an int {bounds}")
+
+
+def float_arg(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    """A finite real-number argument in [low, high], as a Python float.
+
+    inf or NaN would not fail on its own: an infinite guidance_scale gives NaN latents (a black image)
+    and a NaN one compares False with 1.0, silently turning guidance off.
+    """
+    arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+    if arr is None or arr.ndim != 0 or arr.dtype.kind not in "iuf":
+        raise ConfigError(f"{name}={short_repr(value)} is not supported: pass a number")
+    v = float(arr)
+    in_range = math.isfinite(v) and (low is None or v >= low) and (high is None or v <= high)
+    if not in_range:
+        what = f"a number in [{low:g}, {high:g}]" if low is not None and high is not None else "a finite number"
+        hint = {"guidance_scale": " (e.g. 5.0; 1.0 or less turns guidance off)",
+                "guidance_rescale": " (0 turns rescaling off; diffusers suggests 0.7)"}.get(name, "")
+        raise ConfigError(f"{name}={short_repr(value)} is not supported: pass {what}{hint}")
+    return v
+
+
+def micro_conditioning(dc: DistriConfig, original_size, crops_coords_top_left, target_size) -> list:
+    """SDXL's six time_ids: original size, crop's top-left corner, target size (sizes default to the image's)."""
+    image = (dc.height, dc.width)
+    return (pair_arg("original_size", original_size, image, "(height, width)")
+            + pair_arg("crops_coords_top_left", crops_coords_top_left, None, "(top, left)")
+            + pair_arg("target_size", target_size, image, "(height, width)"))
+
+
+def pair_arg(name: str, value, default, what: str) -> list:
+    """A pair of finite numbers as a list of floats (`default` where value is None and one exists)."""
+    if value is None and default is not None:
+        return [float(v) for v in default]
+    try:
+        pair = [float_arg(name, v) for v in value] if not isinstance(value, (str, bytes, dict)) else []
+    except (TypeError, ConfigError):
+        pair = []
+    if len(pair) != 2:
+        raise ConfigError(f"{name}={short_repr(value)} is not supported: pass a pair of finite numbers {what}, e.g. "
+                          f"{tuple(default) if default else (0, 0)}")
+    return pair
+
+
+def check_latents(latents, shape: tuple, dc: DistriConfig) -> Optional[np.ndarray]:
+    """Given latents as float32 numpy in diffusers' layout `shape` (B, 4, h, w), finite; None stays None."""
+    if latents is None:
+        return None
+    try:
+        arr = np.asarray(latents, np.float32)
+    except (TypeError, ValueError):
+        raise ConfigError(f"latents of type {type(latents).__name__} are not supported: pass a float array of "
+                          f"shape {shape}") from None
+    if arr.shape != shape:
+        nhwc = (shape[0], shape[2], shape[3], shape[1])
+        hint = (" (these look NHWC: pass diffusers' layout (B, 4, H/8, W/8), e.g. latents.transpose(0, 3, 1, 2))"
+                if arr.shape == nhwc else "")
+        raise ConfigError(f"latents have shape {arr.shape}; expected {shape} for {shape[0]} image(s) of "
+                          f"{dc.height}x{dc.width}{hint}")
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise NonFiniteError(f"latents hold {bad} NaN/inf value(s) of {arr.size}: pass finite noise (unit "
+                             "Gaussian, as diffusers' latents) or latents=None to draw it from seed")
+    return arr
+
+
+def prng_key(seed: int):
+    """jax.random.key(seed) for any seed in [0, 2**63): the same key below 2**32, distinct keys above.
+
+    Without jax_enable_x64, JAX maps every seed past 32 bits onto a 32-bit one (2**32 gives seed 0's
+    image); threefry's key is the seed's two 32-bit halves, which is what JAX builds with x64 on.
+    """
+    if seed < 2 ** 32:
+        return jax.random.key(seed)
+    halves = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(halves, impl="threefry2x32")
