@@ -7,6 +7,7 @@ from collections import Counter
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -184,3 +185,53 @@ def test_conv_in_stays_exact_wherever_the_unet_sits(setup):
     """conv_in's halo is exchanged in its own step and kept nowhere, also inside another module."""
     made, feeding, _, _ = trace_step(setup, "corrected_async_gn", wrap=True)
     assert made["conv_in halo"] == 2 and feeding == Counter({"conv_in halo": 2, "cfg": 1})
+
+
+class Probe(nn.Module):
+    """One self-attention's whole-image tokens and one 3x3 conv's padded band, as the plan provides them."""
+
+    parallel: PatchPlan
+
+    @nn.compact
+    def __call__(self, x):  # x: this device's band [B, h, W, C]
+        tokens = self.parallel.whole_image_tokens(self, "k", x.reshape(x.shape[0], -1, x.shape[-1]))
+        return tokens, self.parallel.pad_rows(self, x, 1, 1)
+
+
+def test_displaced_layers_see_stale_neighbours_and_their_own_fresh_band():
+    """Against a plain full-array construction: in a displaced step device i attends to the previous
+    step's tokens of every other band and its own band's fresh tokens, pads its rows with the previous
+    step's neighbour rows, and stores this step's exchange for the next step."""
+    bands, rows = 4, 2
+    mesh = dj.parallel.make_mesh(jax.devices()[:bands], 1)
+    rng = np.random.default_rng(0)
+    x1, x2 = (jnp.asarray(rng.standard_normal((1, bands * rows, 3, 2)), jnp.float32) for _ in range(2))
+
+    def step(phase, x, state):
+        probe = Probe(PatchPlan(phase, "corrected_async_gn"))
+        variables = {} if state is None else {"stale": state}
+        (tokens, padded), new = probe.apply(variables, x, mutable=["stale"])
+        return tokens[None], padded[None], dj.parallel.vary(new["stale"], (PATCH,))
+
+    def run(x1, x2):
+        _, _, state = step("sync", x1, None)
+        tokens, padded, state = step("displaced", x2, state)
+        return tokens, padded, jax.tree.map(lambda a: a[None], state)
+
+    stacked = P(PATCH)
+    tokens, padded, state = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(None, PATCH), P(None, PATCH)),
+                                                  out_specs=(stacked, stacked, stacked)))(x1, x2)
+    band = lambda x, i: np.asarray(x)[:, i * rows:(i + 1) * rows]
+    flat = lambda x: x.reshape(x.shape[0], -1, x.shape[-1])
+    zero_row = np.zeros((1, 1, 3, 2), np.float32)
+    for i in range(bands):
+        seen = np.concatenate([band(x2 if j == i else x1, j) for j in range(bands)], axis=1)
+        np.testing.assert_array_equal(np.asarray(tokens)[i], flat(seen))
+        above = band(x1, i - 1)[:, -1:] if i > 0 else zero_row
+        below = band(x1, i + 1)[:, :1] if i < bands - 1 else zero_row
+        np.testing.assert_array_equal(np.asarray(padded)[i], np.concatenate([above, band(x2, i), below], axis=1))
+        # what the next step will read: this step's exchange of x2
+        np.testing.assert_array_equal(np.asarray(state["k"])[i], flat(np.asarray(x2)))
+        above = band(x2, i - 1)[:, -1:] if i > 0 else zero_row
+        below = band(x2, i + 1)[:, :1] if i < bands - 1 else zero_row
+        np.testing.assert_array_equal(np.asarray(state["halo"])[i], np.concatenate([above, below], axis=1))
