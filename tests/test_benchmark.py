@@ -17,10 +17,8 @@ SMALL = ("--random", "tiny", "--height", 64, "--steps", 2, "--warmup-steps", 0, 
 
 
 def run_cli(*args):
-    env = dict(os.environ, DISTRIFUSION_JAX_CACHE="off")  # tests write nothing to the user's cache
-    # the test checks the tool, not XLA's code: cheaper LLVM optimisation shortens its compilations
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                        " --xla_llvm_disable_expensive_passes=true").strip()
+    # tests write nothing to the user's cache; the XLA flags of conftest.py (fast compiles) pass down
+    env = dict(os.environ, DISTRIFUSION_JAX_CACHE="off")
     return subprocess.run([sys.executable, "-m", "distrifusion_jax", "benchmark", *map(str, args)],
                           capture_output=True, text=True, timeout=300, env=env)
 

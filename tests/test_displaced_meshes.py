@@ -36,15 +36,21 @@ def model():
     return unet, unet.init_params(seed=0)
 
 
-def inputs(height, batch=1, cfg=True, seed=0):
-    """(latents [B, h, w, 4], ehs, added): [uncond; cond] with guidance, cond only without."""
-    rng = np.random.default_rng(seed)
-    n = 2 * batch if cfg else batch
-    latents = jnp.asarray(rng.standard_normal((batch, height // 8, WIDTH // 8, 4)), jnp.float32)
-    ehs = jnp.asarray(rng.standard_normal((n, 7, 8)), jnp.float32)
-    added = {"text_embeds": jnp.asarray(rng.standard_normal((n, 8)), jnp.float32),
-             "time_ids": jnp.asarray([[float(height), float(WIDTH), 0.0]] * n, jnp.float32)}
-    return latents, ehs, added
+def inputs(height, batch=1, cfg=True):
+    """(latents [B, h, w, 4], ehs, added), [uncond; cond] with guidance, cond only without. Image k's
+    data come from seed k whatever the batch, so image 0 of a batch is the batch of one."""
+    parts = []
+    for k in range(batch):
+        rng = np.random.default_rng(k)
+        parts.append((rng.standard_normal((1, height // 8, WIDTH // 8, 4)), rng.standard_normal((2, 7, 8)),
+                      rng.standard_normal((2, 8))))
+    branches = [0, 1] if cfg else [1]  # row 0: unconditional, row 1: conditional
+    latents = np.concatenate([p[0] for p in parts])
+    ehs = np.concatenate([p[1][r:r + 1] for r in branches for p in parts])
+    text = np.concatenate([p[2][r:r + 1] for r in branches for p in parts])
+    time_ids = np.array([[float(height), float(WIDTH), 0.0]] * len(text))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return f32(latents), f32(ehs), {"text_embeds": f32(text), "time_ids": f32(time_ids)}
 
 
 _cache = {}
@@ -102,37 +108,32 @@ def test_warmup_phase_is_exact_on_every_mesh_kind(model, mesh):
     assert err <= EXACT
 
 
+NO_SPLIT = MESHES["no split 1x4"]
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "dpm-solver"])
 def test_schedulers_displaced_without_the_cfg_split(model, scheduler):
-    check_displaced(model, 128, dict(devices=8, split_batch=False), f"{scheduler}, no split 1x8",
-                    scheduler=scheduler)
+    height, fields = NO_SPLIT
+    check_displaced(model, height, fields, f"{scheduler}, no split 1x4", scheduler=scheduler)
 
 
-@pytest.mark.parametrize("stale_kv, dtype", [("hidden", None), ("kv", "bfloat16"), ("kv", "float8_e4m3fn"),
-                                             ("hidden", "int8")])
+@pytest.mark.parametrize("stale_kv, dtype", [("hidden", "int8"), ("kv", "bfloat16"), ("kv", "float8_e4m3fn")])
 def test_stale_options_displaced_without_the_cfg_split(model, stale_kv, dtype):
-    fields = dict(devices=8, split_batch=False)
-    err = check_displaced(model, 128, dict(fields, stale_kv=stale_kv, stale_kv_dtype=dtype),
-                          f"stale_kv={stale_kv}, {dtype}, no split 1x8")
-    default = rel_l2(run(model, 128, warmup_steps=WARMUP, **fields), reference(model, 128, fields))
-    assert err < 2 * default  # the option barely changes the displaced result's accuracy
+    height, fields = NO_SPLIT
+    err = check_displaced(model, height, dict(fields, stale_kv=stale_kv, stale_kv_dtype=dtype),
+                          f"stale_kv={stale_kv}, {dtype}, no split 1x4")
+    default = rel_l2(run(model, height, warmup_steps=WARMUP, **fields), reference(model, height, fields))
+    assert abs(err - default) < 0.1 * default  # the option barely changes the displaced result's accuracy
 
 
 @pytest.mark.parametrize("mesh", ["cfg split 2x2", "no split 1x4"])
 def test_displaced_batch_of_two(model, mesh):
-    """Two images displaced together: each is close to one device, and the first equals the same
-    image denoised alone (samples never mix through the exchanged statistics or tokens)."""
+    """Two images displaced together: close to one device, and the first equals the same image
+    denoised alone (samples never mix through the exchanged statistics or tokens)."""
     height, fields = MESHES[mesh]
-    check_displaced(model, height, fields, f"{mesh}, batch 2", batch=2)
     pair = run(model, height, warmup_steps=WARMUP, batch=2, **fields)
-    alone_inputs = inputs(height, 2)
-    unet, params = model
-    config = dj.DistriConfig(height, WIDTH, warmup_steps=WARMUP, **fields)
-    sched = dj.make_scheduler("ddim", sdxl_scheduler_config())
-    denoise = dj.make_denoise_fn(unet, config, sched, num_inference_steps=STEPS, guidance_scale=5.0)
-    lat, ehs, added = alone_inputs
-    first = lambda a: jnp.concatenate([a[:1], a[2:3]])  # image 0 of [uncond 0, uncond 1; cond 0, cond 1]
-    alone = np.asarray(denoise(params, lat[:1], first(ehs), {k: first(v) for k, v in added.items()}))
-    err = rel_l2(pair[:1], alone)
-    print(f"{mesh}: image 0 of a displaced batch of 2 vs alone {err:.1e}")
-    assert err <= EXACT
+    err = rel_l2(pair, reference(model, height, fields, batch=2))
+    alone = rel_l2(pair[:1], run(model, height, warmup_steps=WARMUP, **fields))
+    print(f"{mesh}, batch 2: displaced vs one device {err:.2e}; image 0 vs alone {alone:.1e}")
+    assert np.isfinite(pair).all() and DISPLACED_FLOOR < err < 0.1
+    assert alone <= EXACT

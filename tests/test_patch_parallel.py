@@ -24,8 +24,8 @@ def setup():
 run = loop_runner(HEIGHT, WIDTH)  # final latents of a loop, cached per configuration within the module
 
 
-@pytest.mark.parametrize("devices, split_batch", [(2, True), (2, False), (4, True), (4, False), (8, True),
-                                                  (8, False)])
+# (4 devices with and without the split, 2 with guidance off and 3 run in test_displaced_meshes.py)
+@pytest.mark.parametrize("devices, split_batch", [(2, True), (2, False), (8, True), (8, False)])
 def test_full_sync_equals_single_device(setup, devices, split_batch):
     single = run(setup, devices=1)
     out = run(setup, devices=devices, split_batch=split_batch, mode="full_sync")
@@ -40,20 +40,6 @@ def test_warmup_phase_of_every_mode_equals_single_device(setup, mode):
     err = rel_l2(run(setup, devices=8, mode=mode, warmup_steps=4), run(setup, devices=1))
     print(f"{mode} warmup on 8 devices: relative L2 {err:.1e}")
     assert err <= EXACT
-
-
-def test_displaced_error_is_small_and_below_naive_patch(setup):
-    single = run(setup, steps=10, devices=1)
-    naive = rel_l2(run(setup, steps=10, devices=8, parallelism="naive_patch"), single)
-    errors = {mode: rel_l2(run(setup, steps=10, devices=8, mode=mode, warmup_steps=2), single)
-              for mode in dj.config.MODES}
-    print(f"10 DDIM steps, warmup 2, 8 devices (CFG split, 4 bands): naive_patch {naive:.3f}; "
-          + ", ".join(f"{m} {e:.4f}" for m, e in errors.items()))
-    for mode, err in errors.items():
-        assert np.isfinite(err), mode
-        assert err < naive / 5, mode
-    assert errors["corrected_async_gn"] < 0.05
-    assert errors["full_sync"] <= EXACT
 
 
 @pytest.mark.parametrize("scheme", ["col", "alternate"])
@@ -272,7 +258,7 @@ class NaNAtStep:
         return jnp.where(i == self.at, lat.at[:, :1].set(jnp.nan), lat), state
 
 
-@pytest.mark.parametrize("devices, split_batch", [(1, True), (4, False)])
+@pytest.mark.parametrize("devices, split_batch", [(4, False)])  # one device: tests/test_api_inputs.py
 def test_nonfinite_step_names_the_first_step_that_went_nan(setup, devices, split_batch):
     unet, params, inputs, sched = setup
     config = dj.DistriConfig(HEIGHT, WIDTH, devices=devices, split_batch=split_batch, warmup_steps=0)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# XLA:CPU flags for the tests: cheaper LLVM optimisation compiles the many small programs about a fifth
+# sooner (the tests check results to tolerances, not the speed of XLA's code). conftest.py sets them.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 # SDXL-like: text_time micro-conditioning, three levels, a different transformer depth per level,
 # linear projections, per-level head counts.
 SDXL_TINY = {

@@ -164,11 +164,22 @@ def exchanges(mode: str) -> dict:
     return {"halo": spatial, "kv": spatial, "gn": plan.norm in ("sync", "corrected", "stale")}
 
 
-def ours_per_device(seen: dict, i: int, patches: int, cfg_size: int, mode: str) -> dict:
-    """Bytes received by band i in one displaced step, by layer type (sent is the same by symmetry).
+def halo_bytes(halos: list, i: int, patches: int, sent: bool = False) -> int:
+    """Bytes of halo rows band i receives (or sends): each conv's state [B, rows, W, C] holds the row
+    from the band above and, unless the conv has stride 2 (rows = 1: it reads nothing below its band),
+    the one below; band i sends its last row down for every conv, its first row up for the others."""
+    every, two_row = (int(i < patches - 1), int(i > 0)) if sent else (int(i > 0), int(i < patches - 1))
+    return sum(nbytes(a) // a.shape[1] * (every + two_row * (a.shape[1] - 1)) for a in halos)
 
-    halo: each conv's state [B, 2 pad, W, C] holds one `pad`-row slab per neighbour, moved by two
-    ppermutes, plus conv_in's synchronous one-row halo of the latent band (no state);
+
+def ours_per_device(seen: dict, i: int, patches: int, cfg_size: int, mode: str, sent: bool = False) -> dict:
+    """Bytes received (or sent) by band i in one displaced step, by layer type.
+
+    `seen` holds the layers' state shapes as a mode that keeps every kind has them; `mode` says which
+    of them move in its displaced step (full_sync and sync_gn exchange synchronously what they keep
+    no state of).
+    halo: per conv, one row from each neighbour by two ppermutes (a stride-2 conv only the one from
+    above), plus conv_in's synchronous one-row halo of the latent band (no state);
     kv: each K or V state [B, P T, N, Hd] is an all_gather of P - 1 other slices (likewise the
     `hidden` tokens of stale_kv="hidden" and the scales of stale_kv_dtype float8 / int8);
     gn: each stats state [P, B, G, 2] f32 likewise; cfg: the noise prediction [B, h, W, C] from the
@@ -178,10 +189,15 @@ def ours_per_device(seen: dict, i: int, patches: int, cfg_size: int, mode: str) 
     band, out, k = seen["band"], seen["out"], neighbours(i, patches)
     conv_in = out.shape[0] * 1 * band.shape[2] * band.shape[3] * out.dtype.itemsize  # one row, compute dtype
     gathered = lambda leaves: sum(nbytes(a) for a in leaves) * (patches - 1) // patches
-    return {"halo": k * (conv_in + sum(nbytes(a) for a in by_kind["halo"]) // 2 * on["halo"]),
+    return {"halo": k * conv_in + halo_bytes(by_kind["halo"], i, patches, sent) * on["halo"],
             "kv": gathered(by_kind["kv"]) * on["kv"],
             "gn": gathered(by_kind["gn"]) * on["gn"],
             "cfg": nbytes(out) * (cfg_size - 1)}
+
+
+def both_rows(halos: list) -> int:
+    """Bytes of every conv's two boundary rows (the reference gathers both for every conv, stride 2 too)."""
+    return sum(nbytes(a) // a.shape[1] * 2 for a in halos)
 
 
 def reference_per_device(seen: dict, patches: int, devices: int, mode: str) -> dict:
@@ -202,7 +218,7 @@ def reference_per_device(seen: dict, patches: int, devices: int, mode: str) -> d
         return {"halo": 0, "kv": 0, "gn": 0, "cfg": nbytes(out) * (devices - 1)}
     gn_chunk = sum(math.prod(a.shape) for a in by_kind["gn"]) // patches * act
     all_reduce = PatchPlan("displaced", mode).norm == "sync"
-    return {"halo": (patches - 1) * sum(nbytes(a) for a in by_kind["halo"]) * on["halo"],
+    return {"halo": (patches - 1) * both_rows(by_kind["halo"]) * on["halo"],
             "kv": (patches - 1) * sum(nbytes(a) for a in by_kind["kv"]) // patches * on["kv"],
             "gn": (2 * (patches - 1) * gn_chunk // patches if all_reduce else (patches - 1) * gn_chunk) * on["gn"],
             "cfg": nbytes(out) * (devices - 1)}
@@ -213,7 +229,7 @@ def reference_stale_bytes(seen: dict, patches: int) -> int:
     if patches == 1:
         return 0
     by_kind, act = state_by_kind(seen["state"]), seen["out"].dtype.itemsize
-    return (patches * sum(nbytes(a) for a in by_kind["halo"]) + sum(nbytes(a) for a in by_kind["kv"])
+    return (patches * both_rows(by_kind["halo"]) + sum(nbytes(a) for a in by_kind["kv"])
             + sum(math.prod(a.shape) for a in by_kind["gn"]) * act)
 
 
@@ -272,15 +288,19 @@ def analyze(case: Case, unet=None, params=None, baseline: Optional[float] = None
         return dict(row, error=str(e))
     traced, seen = trace_displaced_step(d, params, abstract_inputs(case))
     p, g = d.patches, d.cfg_size
-    per_band = [ours_per_device(seen, i, p, g, case.mode) for i in range(p)]
+    # every layer's exchanged shapes, from a mode that keeps state of every kind (the case's mode may
+    # exchange some synchronously, keeping nothing); the case's mode says which of them move
+    seen_of = lambda c: seen if c == case else trace_displaced_step(make_denoiser(unet, c), params,
+                                                                  abstract_inputs(case))[1]
+    layers = seen_of(dataclasses.replace(case, mode="corrected_async_gn"))
+    per_band = [ours_per_device(layers, i, p, g, case.mode) for i in range(p)]
+    sent = [ours_per_device(layers, i, p, g, case.mode, sent=True) for i in range(p)]
     busiest = max(range(p), key=lambda i: sum(per_band[i].values()))
     # the reference keeps K and V in the activation dtype whatever our stale K/V options are
-    default = dataclasses.replace(case, stale_kv="kv", stale_kv_dtype=None)
-    seen_ref = seen if case == default else trace_displaced_step(make_denoiser(unet, default), params,
-                                                                 abstract_inputs(case))[1]
+    seen_ref = seen_of(dataclasses.replace(case, mode="corrected_async_gn", stale_kv="kv", stale_kv_dtype=None))
     ours, ref = per_band[busiest], reference_per_device(seen_ref, p, case.devices, case.mode)
     found = collectives(traced.jaxpr)
-    check = all(collective_bytes(found, {CFG: c, PATCH: i}) == (sum(per_band[i].values()),) * 2
+    check = all(collective_bytes(found, {CFG: c, PATCH: i}) == (sum(sent[i].values()), sum(per_band[i].values()))
                 for c in range(g) for i in range(p))
     counts = {k: len(v) for k, v in state_by_kind(seen["state"]).items()}
     if with_flops:
@@ -288,7 +308,7 @@ def analyze(case: Case, unet=None, params=None, baseline: Optional[float] = None
         per_device = flops(traced.lower())
         row.update(flops_per_device=per_device, flops_single_device=baseline, flops_ratio=per_device / baseline)
     return dict(row, cfg_size=g, patches=p, busiest_band=busiest, layers_with_state=counts,
-                ours=dict(received=_with_total(ours), sent=_with_total(ours),
+                ours=dict(received=_with_total(ours), sent=_with_total(sent[busiest]),
                           total_by_band=[sum(v.values()) for v in per_band],
                           stale_bytes=sum(nbytes(a) for a in jax.tree.leaves(seen["state"]))),
                 reference=dict(received=_with_total(ref), sent=_with_total(ref),
@@ -323,8 +343,9 @@ def report(config: UNetConfig, sizes, devices, cfg_splits=(True,), dtype="bfloat
 COLUMNS = ("halo", "K/V", "GN", "CFG/out", "total", "stale mem")
 NOTES = """\
   Per device and per displaced step, bytes received by the busiest device (a middle band; the first and
-  last bands exchange halos with one neighbour only); every device sends as many bytes as it receives.
-  ours (JAX): halo = 2 non-cyclic ppermutes per 3x3 conv (incl. conv_in's one latent row, synchronous),
+  last bands exchange halos with one neighbour only).
+  ours (JAX): halo = 2 non-cyclic ppermutes per 3x3 conv (incl. conv_in's one latent row, synchronous;
+    one for a stride-2 conv, which reads no row below its band),
     K/V and GN (float32) all_gathers over the patch axis, CFG/out = eps all_gather over the cfg axis;
     stale mem = bytes of the stale-state pytree; FLOPs/dev = XLA cost analysis of this device's displaced
     step / one single-device UNet step on the whole image, same guidance batch (ideal 1/N in brackets).
