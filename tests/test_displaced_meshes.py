@@ -24,7 +24,7 @@ DISPLACED_FLOOR = 1e-4
 # rows, one at the micro UNet's lower level); 96 px = 12 rows, 3 bands of 4
 MESHES = {
     "cfg split 2x2": (128, dict(devices=4)),
-    "no split 1x4": (128, dict(devices=4, split_batch=False)),
+    "no split 1x8": (128, dict(devices=8, split_batch=False)),
     "guidance off 1x2": (128, dict(devices=2, do_classifier_free_guidance=False)),
     "odd 1x3": (96, dict(devices=3, split_batch=False)),
 }
@@ -108,25 +108,25 @@ def test_warmup_phase_is_exact_on_every_mesh_kind(model, mesh):
     assert err <= EXACT
 
 
-NO_SPLIT = MESHES["no split 1x4"]
+NO_SPLIT = MESHES["no split 1x8"]
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpm-solver"])
 def test_schedulers_displaced_without_the_cfg_split(model, scheduler):
     height, fields = NO_SPLIT
-    check_displaced(model, height, fields, f"{scheduler}, no split 1x4", scheduler=scheduler)
+    check_displaced(model, height, fields, f"{scheduler}, no split 1x8", scheduler=scheduler)
 
 
 @pytest.mark.parametrize("stale_kv, dtype", [("hidden", "int8"), ("kv", "bfloat16"), ("kv", "float8_e4m3fn")])
 def test_stale_options_displaced_without_the_cfg_split(model, stale_kv, dtype):
     height, fields = NO_SPLIT
     err = check_displaced(model, height, dict(fields, stale_kv=stale_kv, stale_kv_dtype=dtype),
-                          f"stale_kv={stale_kv}, {dtype}, no split 1x4")
+                          f"stale_kv={stale_kv}, {dtype}, no split 1x8")
     default = rel_l2(run(model, height, warmup_steps=WARMUP, **fields), reference(model, height, fields))
     assert abs(err - default) < 0.1 * default  # the option barely changes the displaced result's accuracy
 
 
-@pytest.mark.parametrize("mesh", ["cfg split 2x2", "no split 1x4"])
+@pytest.mark.parametrize("mesh", ["cfg split 2x2", "no split 1x8"])
 def test_displaced_batch_of_two(model, mesh):
     """Two images displaced together: close to one device, and the first equals the same image
     denoised alone (samples never mix through the exchanged statistics or tokens)."""
