@@ -1,8 +1,8 @@
 """distrifusion-jax: DistriFusion (displaced patch parallelism) for Stable Diffusion XL in JAX/Flax."""
 
-from .config import DistriConfig, UNetConfig, sd15, sd21, sdxl_base
+from .config import DistriConfig
 from .errors import CheckpointError, ConfigError, DistriFusionError, NonFiniteError, OutOfMemoryError
-from .models import UNet2DConditionModel
+from .models import UNet2DConditionModel, UNetConfig, sd15, sd21, sdxl_base
 from .weights import load_text_encoder, load_unet, load_vae, save_unet_diffusers
 from .convert import convert_pipeline, convert_text_encoder, convert_unet, convert_vae
 from .denoise import Denoiser, make_denoise_fn

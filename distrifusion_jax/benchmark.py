@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import MODES, DistriConfig, UNetConfig, read_json
+from .config import DTYPE_NAMES, MODES, DistriConfig, read_json
+from .models.unet import UNetConfig
 from .distributed import devices as jax_devices
 from .errors import CheckpointError, ConfigError, DistriFusionError
-from .generate import seed_arg
+from .flags import seed_arg
 from .preflight import check_steps
 from .schedulers import make_scheduler
 
@@ -32,7 +33,6 @@ CONFIGS = ("single", "full_sync", "displaced", "naive_patch", "tensor")
 # process-wide peak that `memory_stats()` reports (it cannot be reset) and its own peak is visible.
 RUN_ORDER = ("naive_patch", "full_sync", "displaced", "tensor", "single")
 TEXT_TOKENS = 77  # CLIP prompt length: the shape of the random prompt embeddings
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # The smallest SDXL-shaped UNet that compiles in seconds on a CPU: a plain level then a cross-attention
 # level (linear projections), text_time micro-conditioning as SDXL's. The tiny pipeline's VAE decodes.
@@ -117,7 +117,7 @@ class Setup:
 
 def unet_config_of(args) -> UNetConfig:
     """The UNet's configuration (read before any weight, so bad sizes fail fast)."""
-    from .config import sdxl_base
+    from .models.presets import sdxl_base
 
     if args.random == "sdxl":
         return sdxl_base()
@@ -150,10 +150,11 @@ def scheduler_config(args) -> dict:
 def load_models(args, config: UNetConfig, replicated, first):
     """(unet, params replicated over the devices, vae, vae params on the first device)."""
     from .models import UNet2DConditionModel
-    from .models.vae import AutoencoderKL, VAEConfig, sdxl_vae_config
+    from .models.presets import sdxl_vae_config
+    from .models.vae import AutoencoderKL, VAEConfig
     from .tiny import VAE as TINY_VAE
 
-    dtype, vae_dtype = DTYPES[args.dtype], DTYPES[args.vae_dtype]
+    dtype, vae_dtype = jnp.dtype(args.dtype), jnp.dtype(args.vae_dtype)
     if args.model:
         from .weights import load_unet, load_vae
 
@@ -436,7 +437,7 @@ def dry_run(configs: dict, unet_config: UNetConfig, args, log) -> dict:
     from .denoise import Denoiser
     from .models import UNet2DConditionModel
     from .parallel.report import Case, abstract_inputs
-    dtype = DTYPES[args.dtype]
+    dtype = jnp.dtype(args.dtype)
     unet = UNet2DConditionModel(unet_config, dtype=dtype, param_dtype=dtype)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), unet.abstract_params())
     count = sum(math.prod(a.shape) for a in jax.tree.leaves(params))
@@ -476,7 +477,7 @@ def layout(d, params):
     """Abstract weights in the layout the Denoiser's program reads (tensor parallelism has its own)."""
     if getattr(d, "tensor", None) is None:
         return params
-    from .parallel.tensor import to_layout
+    from .tensor_parallel import to_layout
 
     return jax.eval_shape(to_layout, params)
 
@@ -557,8 +558,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels (default: --height)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "dpm-solver"])
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="UNet weights and compute")
-    p.add_argument("--vae-dtype", default="float32", choices=list(DTYPES), help="VAE decode (default float32)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="UNet weights and compute")
+    p.add_argument("--vae-dtype", default="float32", choices=DTYPE_NAMES, help="VAE decode (default float32)")
     p.add_argument("--devices", type=int, default=None,
                    help="devices for the parallel configurations (default: all); on a CPU host, N fake devices")
     p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps of the displaced configuration")

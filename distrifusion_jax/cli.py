@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import DTYPE_NAMES
 from .errors import DistriFusionError
+from .flags import for_cli
 
 
 def _convert(args) -> None:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder, new or empty, outside SRC: the same pipeline layout, each model as "
                                "config.json + flax_params.safetensors (a UNet folder: just those two files); "
                                "written whole or not at all")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                    help="parameter dtype to store (default: float32, lossless; bfloat16 is the usual choice "
                         "for SDXL and halves the size); a pipeline's VAE stays float32 if it has force_upcast")
     p.add_argument("--variant", default=None, choices=["fp16", "bf16"],
@@ -47,17 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "one is complete)")
     p.set_defaults(func=_convert)
     return parser
-
-
-# Python names in shared error messages -> the options that set them on the command line
-_CLI_NAMES = {"split_batch=False": "--no-split-batch"}
-
-
-def for_cli(message: str) -> str:
-    """An error message with the Python names of settings replaced by their command-line options."""
-    for name, option in _CLI_NAMES.items():
-        message = message.replace(name, option)
-    return message
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,8 @@ from typing import Optional
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .config import read_json, to_diffusers_dict
+from .config import read_json
+from .models.unet import to_diffusers_dict
 from .errors import CheckpointError
 from .models.clip import CLIPTextConfig
 from .tokenizer import load_tokenizer

@@ -17,7 +17,7 @@ from .distributed import place, spans_processes, to_host
 from .errors import DistriFusionError
 from .parallel import CFG, PATCH, STALE, PatchPlan, make_mesh, vary
 from .parallel import collectives as C
-from .parallel.tensor import TensorPlan
+from .tensor_parallel import TensorPlan
 
 
 def guided(eps_uncond, eps_cond, scale, rescale: float = 0.0, axis=None):

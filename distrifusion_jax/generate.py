@@ -9,20 +9,9 @@ import secrets
 import sys
 from pathlib import Path
 
-from .config import MODES, PARALLELISMS, SPLIT_SCHEMES, DistriConfig
+from .config import DTYPE_NAMES, DistriConfig
 from .errors import ConfigError, DistriFusionError
-from .arguments import SEED_LIMIT
-
-
-def seed_arg(text: str) -> int:
-    """argparse type of --seed: a whole number in [0, 2^63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: pass a seed 0 <= seed < 2^63") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: pass a seed 0 <= seed < 2^63 (e.g. 0)")
-    return value
+from .flags import add_distri_flags, distri_config_from_args, seed_arg
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -33,23 +22,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--prompt-2", default=None, help="prompt for the second text encoder (default: --prompt)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--scheduler", default=None, choices=["ddim", "euler", "dpm-solver"],
                    help="default: the checkpoint's scheduler_config.json")
     p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
-    p.add_argument("--warmup-steps", type=int, default=4)
-    p.add_argument("--mode", default="corrected_async_gn", choices=MODES)
-    p.add_argument("--parallelism", default="patch", choices=PARALLELISMS)
-    p.add_argument("--split-scheme", default="row", choices=SPLIT_SCHEMES)
-    p.add_argument("--no-split-batch", action="store_true", help="do not split the guidance batch across devices")
-    p.add_argument("--devices", type=int, default=None,
-                   help="number of devices (default: all); without accelerators, N CPU devices are created "
-                        "(with several processes: the total, N / processes each)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     p.add_argument("--output", default="image.png",
                    help="image file to write (PNG, JPEG, ...: by its extension), in an existing folder")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
@@ -60,6 +39,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="no per-step progress bar: the denoising program then has no host callback and is "
                         "also stored in the compilation cache (with the bar only the text encoders and "
                         "the VAE are)")
+    add_distri_flags(p)
     mem = p.add_argument_group("memory at high resolution")
     mem.add_argument("--attention", default=None, choices=["xla", "cudnn", "chunked", "auto"],
                      help="UNet attention kernel (default: JAX's choice); 'chunked' computes blockwise with bounded "
@@ -67,18 +47,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     mem.add_argument("--vae-attention", default="auto", choices=["xla", "cudnn", "chunked", "auto"],
                      help="the VAE mid-block's attention kernel (same choices; default 'auto': chunked where "
                           "the scores would exceed 1 GiB, from 2048^2 up)")
-    mem.add_argument("--stale-kv", default="kv", choices=["kv", "hidden"],
-                     help="what displaced steps keep and exchange per self-attention: K and V, or the input "
-                          "tokens (half the memory and traffic, K/V projected again each step)")
-    mem.add_argument("--stale-kv-dtype", default=None, choices=["bfloat16", "float8_e4m3fn", "int8"],
-                     help="store and exchange those tokens narrower (default: the compute dtype)")
     mem.add_argument("--decode-tile-rows", type=int, default=None, metavar="ROWS",
                      help="with one device, decode in overlapping tiles of ROWS >= 16 latent rows (memory of "
                           "one tile, approximate like diffusers' VAE tiling; e.g. 64); several devices decode "
                           "row-sharded instead")
     hosts = p.add_argument_group(
         "multiple hosts", "one process per host, each started with the same --coordinator and --num-processes and "
-        "its own --process-id; under SLURM (srun) or Open MPI (mpirun) the launcher supplies what is left out")
+        "its own --process-id; under SLURM (srun) or Open MPI (mpirun) the launcher supplies what is left out; "
+        "--devices is then the total, N / processes on each")
     hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                        help="process 0's address, as every host reaches it (default: $JAX_COORDINATOR_ADDRESS)")
     hosts.add_argument("--num-processes", type=int, default=None, metavar="N",
@@ -254,10 +230,7 @@ def image_format(p: Path, shown) -> str:
 
 def distri_config(args) -> DistriConfig:
     """The DistriConfig of the run, with the CFG split only where the guidance scale uses it."""
-    return DistriConfig(height=args.height, width=args.width, devices=args.devices,
-                        do_classifier_free_guidance=args.guidance_scale > 1, split_batch=not args.no_split_batch,
-                        warmup_steps=args.warmup_steps, mode=args.mode, parallelism=args.parallelism,
-                        split_scheme=args.split_scheme, stale_kv=args.stale_kv, stale_kv_dtype=args.stale_kv_dtype)
+    return distri_config_from_args(args, do_classifier_free_guidance=args.guidance_scale > 1)
 
 
 def check_run(args, config: DistriConfig, devices) -> tuple:

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import check_cache_dir
-from .config import DistriConfig, UNetConfig, read_json
+from .config import DistriConfig, read_json
+from .models.unet import UNetConfig
 from .decode import check_tiles, check_tiles_apply
 from .distributed import devices as jax_devices
 from .errors import CheckpointError, ConfigError, show

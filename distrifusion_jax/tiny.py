@@ -11,10 +11,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from . import keymap
-from .config import UNetConfig
 from .convert import NOTE_KEY, FORMAT_VERSION, PIPELINE_MODELS, vae_dtype, write_converted
 from .errors import ConfigError
-from .models import UNet2DConditionModel
+from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.clip import CLIPTextConfig, text_encoder_class
 from .models.vae import AutoencoderKL, VAEConfig
 from .weights import DIFFUSERS_WEIGHTS, resolve_dtype

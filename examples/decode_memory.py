@@ -19,7 +19,8 @@ def main():
     import jax.numpy as jnp
 
     from distrifusion_jax.decode import Decoder
-    from distrifusion_jax.models.vae import AutoencoderKL, sdxl_vae_config
+    from distrifusion_jax.models.presets import sdxl_vae_config
+    from distrifusion_jax.models.vae import AutoencoderKL
 
     dtype = jnp.dtype(args.dtype)
     vae = AutoencoderKL(sdxl_vae_config(), dtype=dtype, param_dtype=dtype)

@@ -93,7 +93,8 @@ def main(argv=None):
     import jax.numpy as jnp
 
     import distrifusion_jax as dj
-    from distrifusion_jax.models.vae import AutoencoderKL, sdxl_vae_config
+    from distrifusion_jax.models.presets import sdxl_vae_config
+    from distrifusion_jax.models.vae import AutoencoderKL
 
     impl = None if args.attention == "xla" else args.attention
     dt, vdt = jnp.dtype(args.dtype), jnp.dtype(args.vae_dtype)

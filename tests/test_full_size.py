@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 import distrifusion_jax as dj
-from distrifusion_jax.config import to_diffusers_dict
+from distrifusion_jax.models.unet import to_diffusers_dict
 from tiny import assert_full_size_mapping
 
 PRESETS = {"sdxl_base": (dj.sdxl_base, 2_567_463_684), "sd15": (dj.sd15, 859_520_964),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -9,12 +10,203 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import UNetConfig
-from ..errors import DistriFusionError
+from ..config import fmt_allowed, read_json
+from ..errors import ConfigError, DistriFusionError
 from ..nn import Conv2d, GroupNorm
 from .blocks import ACT, DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
 
 
+# ---- configuration ----
+DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+ACTIVATIONS = ("silu", "swish", "gelu", "mish")
+
+# diffusers fields we accept only at one value (the one SDXL and SD 1.x / 2.x use). Anything else
+# would silently change the computation, so it is rejected with the field's name.
+_FIXED_FIELDS: dict[str, tuple] = {
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "class_embeddings_concat": (False,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1, 1.0),
+    "dual_cross_attention": (False,),
+    "attention_type": ("default",),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+    "downsample_padding": (1,),
+    "reverse_transformer_layers_per_block": (None,),
+}
+# Fields that do not affect inference (dropout) or only describe the checkpoint.
+_IGNORED_FIELDS = ("dropout", "sample_size", "addition_embed_type_num_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Configuration of a `UNet2DConditionModel`, per-level fields normalised to tuples.
+
+    Field names and meanings are diffusers'. In particular the number of attention heads of a level
+    is `num_attention_heads[i]` when given, else `attention_head_dim[i]` (diffusers' historical
+    naming: in SD and SDXL configs `attention_head_dim` holds head counts).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    only_cross_attention: bool = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: tuple = (2, 2, 2, 2)
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: tuple = (1280, 1280, 1280, 1280)
+    transformer_layers_per_block: tuple = (1, 1, 1, 1)
+    attention_head_dim: tuple = (8, 8, 8, 8)
+    num_attention_heads: Optional[tuple] = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+
+    # ---- derived ----
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def num_downsamplers(self) -> int:
+        return self.num_levels - 1
+
+    @property
+    def heads(self) -> tuple:
+        return self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    # ---- construction ----
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "UNetConfig":
+        """Validate a diffusers UNet `config.json` dict; reject unknown fields and unsupported values."""
+        d = {k: v for k, v in raw.items() if not k.startswith("_")}
+        cls_name = raw.get("_class_name", "UNet2DConditionModel")
+        if cls_name != "UNet2DConditionModel":
+            raise ConfigError(f"unsupported UNet class _class_name={cls_name!r}: only UNet2DConditionModel is supported")
+        for key, allowed in _FIXED_FIELDS.items():
+            if key in d:
+                value = d.pop(key)
+                if value not in allowed:
+                    raise ConfigError(
+                        f"unsupported UNet config value {key}={value!r}: supported {fmt_allowed(allowed)}")
+        for key in _IGNORED_FIELDS:
+            d.pop(key, None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown UNet config field(s) {', '.join(unknown)}: not part of the supported "
+                              "UNet2DConditionModel configuration; remove them or check the file")
+        levels = len(d.get("block_out_channels", cls.block_out_channels))
+
+        def per_level(key, default):
+            value = d.get(key, default)
+            if isinstance(value, (list, tuple)):
+                if len(value) != levels:
+                    raise ConfigError(f"UNet config {key}={list(value)!r} has {len(value)} entries but the model "
+                                      f"has {levels} levels (len(block_out_channels))")
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise ConfigError(f"unsupported UNet config value {key}={value!r}: expected an int or a list "
+                                      "of ints, one per level")
+                return tuple(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"unsupported UNet config value {key}={value!r}: expected an int or a list of ints")
+            return (value,) * levels
+
+        out = dict(d)
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            if key in out:
+                out[key] = tuple(out[key])
+        out["layers_per_block"] = per_level("layers_per_block", 2)
+        out["cross_attention_dim"] = per_level("cross_attention_dim", 1280)
+        out["transformer_layers_per_block"] = per_level("transformer_layers_per_block", 1)
+        out["attention_head_dim"] = per_level("attention_head_dim", 8)
+        if d.get("num_attention_heads") is not None:
+            out["num_attention_heads"] = per_level("num_attention_heads", None)
+        oca = d.get("only_cross_attention", False)
+        if (isinstance(oca, (list, tuple)) and any(oca)) or (not isinstance(oca, (list, tuple)) and oca):
+            raise ConfigError(f"unsupported UNet config value only_cross_attention={oca!r}: supported false")
+        out["only_cross_attention"] = False
+        config = cls(**out)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_json(cls, path) -> "UNetConfig":
+        return cls.from_dict(read_json(path))
+
+    def validate(self) -> None:
+        n = self.num_levels
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(f"UNet config: down_block_types ({len(self.down_block_types)}) and up_block_types "
+                              f"({len(self.up_block_types)}) must both have len(block_out_channels)={n} entries")
+        for key, allowed, values in (("down_block_types", DOWN_BLOCK_TYPES, self.down_block_types),
+                                     ("up_block_types", UP_BLOCK_TYPES, self.up_block_types)):
+            for v in values:
+                if v not in allowed:
+                    raise ConfigError(f"unsupported UNet config value {key} entry {v!r}: supported {fmt_allowed(allowed)}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ConfigError(f"unsupported UNet config value mid_block_type={self.mid_block_type!r}: "
+                              f"supported {fmt_allowed(MID_BLOCK_TYPES)}")
+        if self.act_fn not in ACTIVATIONS:
+            raise ConfigError(f"unsupported UNet config value act_fn={self.act_fn!r}: supported {fmt_allowed(ACTIVATIONS)}")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ConfigError(f"unsupported UNet config value addition_embed_type={self.addition_embed_type!r}: "
+                              "supported None, 'text_time'")
+        if self.addition_embed_type == "text_time" and (
+                self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None):
+            raise ConfigError("UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim")
+        for i, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
+            if c % self.norm_num_groups:
+                raise ConfigError(f"UNet config: block_out_channels[{i}]={c} is not divisible by "
+                                  f"norm_num_groups={self.norm_num_groups}")
+            has_attn = self.down_block_types[i] == "CrossAttnDownBlock2D" or (
+                self.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D") or i == n - 1
+            if has_attn and c % h:
+                raise ConfigError(f"UNet config: block_out_channels[{i}]={c} is not divisible by its "
+                                  f"{h} attention heads")
+
+
+
+def to_diffusers_dict(config: UNetConfig) -> dict:
+    """The config as a diffusers `config.json` dict (diffusers can build the same model from it)."""
+    d = dataclasses.asdict(config)
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    d["_class_name"] = "UNet2DConditionModel"
+    if d["num_attention_heads"] is None:
+        del d["num_attention_heads"]
+    return d
+
+
+
+# ---- model ----
 class UNet2DConditionModel(nn.Module):
     """Noise-prediction UNet.
 

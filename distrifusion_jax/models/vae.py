@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from importlib import resources
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -132,13 +130,6 @@ class VAEConfig:
                 bad(key, v, f"null or a list of latent_channels={self.latent_channels} numbers")
 
 
-def sdxl_vae_config() -> VAEConfig:
-    """stabilityai/stable-diffusion-xl-base-1.0 VAE (83,653,863 parameters, scaling_factor 0.13025)."""
-    text = resources.files("distrifusion_jax").joinpath("configs", "sdxl-base-1.0", "vae", "config.json").read_text()
-    return VAEConfig.from_dict(json.loads(text))
-
-
-# ---- layers and blocks (names follow the checkpoint paths) ----
 class ResnetBlock(Common):
     """diffusers ResnetBlock2D without a time embedding: GroupNorm -> act -> conv3x3, twice, plus shortcut."""
 

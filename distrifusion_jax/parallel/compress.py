@@ -21,7 +21,6 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-DTYPES = (None, "bfloat16", "float8_e4m3fn", "int8")
 _SCALED = {"float8_e4m3fn": 448.0, "int8": 127.0}  # largest magnitude of each scaled format
 
 

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 CFG = "cfg"      # classifier-free guidance halves: size 2 with the CFG split, else 1
 PATCH = "patch"  # row bands of the latent image
-TENSOR = "tensor"  # heads and channels, for the tensor-parallel baseline (parallel/tensor.py)
+TENSOR = "tensor"  # heads and channels, for the tensor-parallel baseline (tensor_parallel.py)
 
 
 def make_mesh(devices, cfg_size: int) -> Mesh:

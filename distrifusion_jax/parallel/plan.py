@@ -33,14 +33,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..config import MODES, STALE_KV, STALE_KV_DTYPES
 from . import collectives as C
 from . import compress
 from .mesh import PATCH
 
 STALE = "stale"  # the Flax variable collection of the stale state
-MODES = ("corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "full_sync", "no_sync")
 PHASES = ("sync", "displaced")
-STALE_KV = ("kv", "hidden")  # what a self-attention keeps and exchanges: its K and V, or its input tokens
 
 # mode -> (conv and attention behaviour, GroupNorm behaviour) in displaced steps
 DISPLACED_BEHAVIOUR = {
@@ -76,9 +75,9 @@ class PatchPlan:
     def __post_init__(self):
         if self.phase not in PHASES or self.mode not in MODES:
             raise ValueError(f"PatchPlan: phase {self.phase!r} / mode {self.mode!r} not in {PHASES} / {MODES}")
-        if self.stale_kv not in STALE_KV or self.stale_kv_dtype not in compress.DTYPES:
+        if self.stale_kv not in STALE_KV or self.stale_kv_dtype not in STALE_KV_DTYPES:
             raise ValueError(f"PatchPlan: stale_kv {self.stale_kv!r} / stale_kv_dtype {self.stale_kv_dtype!r} "
-                             f"not in {STALE_KV} / {compress.DTYPES}")
+                             f"not in {STALE_KV} / {STALE_KV_DTYPES}")
         if self.emulate and (self.phase != "displaced" or not self.keeps("spatial")):
             raise ValueError("PatchPlan: emulate needs the displaced phase of a mode with stale state (a "
                              "synchronous exchange cannot be skipped)")

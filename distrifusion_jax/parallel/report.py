@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jax.extend.core import jaxprs_in_params
 from jax.sharding import PartitionSpec as P
 
-from ..config import DistriConfig, UNetConfig
+from ..config import DistriConfig
+from ..models.unet import UNetConfig
 from ..errors import ConfigError
 from .mesh import CFG, PATCH
 from .plan import PatchPlan

@@ -12,6 +12,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from .. import keymap
+from ..config import DTYPE_NAMES
 from ..errors import CheckpointError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # diffusers models; transformers models use "model"
@@ -19,18 +21,15 @@ CONVERTED_WEIGHTS = "flax_params.safetensors"  # written by our converter, keyed
 VARIANTS = (None, "fp16", "bf16")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
-DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
-
-
 def resolve_dtype(dtype) -> np.dtype:
     """'bfloat16' / jnp.bfloat16 / np.float32 ... -> numpy dtype; a clear error for anything else."""
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise CheckpointError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        dtype = jnp.dtype(dtype)
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
-        raise CheckpointError(f"unsupported dtype {dt}: use one of {', '.join(DTYPES)}")
+        raise CheckpointError(f"unsupported dtype {dt}: use one of {', '.join(DTYPE_NAMES)}")
     return dt
 
 
@@ -122,8 +121,6 @@ def read_params(folder: Path, expected: dict, stem: str, dtype, variant: Optiona
     it returns None for entries that are not parameters (buffers), which are skipped.
     Fails before reading any tensor data if keys or shapes do not match.
     """
-    from .. import keymap
-
     key_map = key_map or keymap.torch_to_flax
     dt = resolve_dtype(dtype)
     converted = (folder / CONVERTED_WEIGHTS).is_file()

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..config import UNetConfig
-from ..errors import ConfigError
-from ..keymap import flatten, unflatten
-from ..models.blocks import GEGLU
-from .mesh import CFG, TENSOR
+from .models.unet import UNetConfig
+from .errors import ConfigError
+from .keymap import flatten, unflatten
+from .models.blocks import GEGLU
+from .parallel.mesh import CFG, TENSOR
 
 
 # module path -> (role, unit). Roles: "column" splits output features (kernel's last axis and the
