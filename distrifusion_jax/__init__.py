@@ -1,13 +1,13 @@
 """distrifusion-jax: DistriFusion (displaced patch parallelism) for Stable Diffusion XL in JAX/Flax."""
 
 from .config import DistriConfig
-from .errors import CheckpointError, ConfigError, DistriFusionError, NonFiniteError, OutOfMemoryError
-from .models import UNet2DConditionModel, UNetConfig, sd15, sd21, sdxl_base
-from .weights import load_text_encoder, load_unet, load_vae, save_unet_diffusers
 from .convert import convert_pipeline, convert_text_encoder, convert_unet, convert_vae
 from .denoise import Denoiser, make_denoise_fn
+from .errors import CheckpointError, ConfigError, DistriFusionError, NonFiniteError, OutOfMemoryError
+from .models import UNet2DConditionModel, UNetConfig, sd15, sd21, sdxl_base
 from .pipeline import DistriSDXLPipeline
 from .schedulers import make_scheduler, scheduler_from_config
+from .weights import load_text_encoder, load_unet, load_vae, save_unet_diffusers
 
 __all__ = [
     "DistriConfig", "UNetConfig", "sdxl_base", "sd15", "sd21",

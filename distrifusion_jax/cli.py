@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from .config import DTYPE_NAMES
-from .errors import DistriFusionError
-from .flags import for_cli
+from .flags import OneLineErrorParser, run_command
 
 
 def _convert(args) -> None:
@@ -16,19 +15,12 @@ def _convert(args) -> None:
     convert(args.src, args.dst, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: ...` and exit status 2, like our own errors."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmark import add_parser as add_benchmark
     from .generate import add_parser as add_generate
+    from .tools.benchmark import add_parser as add_benchmark
 
-    parser = _Parser(prog="distrifusion-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineErrorParser(prog="distrifusion-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     add_generate(sub)
     add_benchmark(sub)
     p = sub.add_parser("convert", help="convert a diffusers SDXL pipeline or UNet folder (safetensors) to our "
@@ -53,16 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (2 with a one-line `error: ...` for bad input)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a parse error already printed in one line
-        return int(e.code or 0)
-    try:
-        args.func(args)
-    except DistriFusionError as e:
-        print(f"error: {for_cli(str(e))}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(build_parser(), None, argv)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:  # a model's config, only named in a signature (models import this module)
-    from .models.unet import UNetConfig
 
 # The parallel enumerations: DistriConfig's choices, imported by everything else that names them.
 PARALLELISMS = ("patch", "naive_patch", "tensor")
@@ -169,8 +166,8 @@ class DistriConfig:
             return 2, n_devices // 2
         return 1, n_devices
 
-    def check_model(self, unet_config: UNetConfig, n_devices: int) -> None:
-        """Latent sizes must split into equal bands down to the lowest UNet resolution."""
+    def check_model(self, unet_config, n_devices: int) -> None:
+        """Latent sizes must split into equal bands down to the lowest level of `unet_config` (a UNetConfig)."""
         _, patches = self.layout(n_devices)
         if patches == 1 or self.parallelism == "tensor":  # tensor parallelism does not split the image
             return

@@ -16,9 +16,9 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from .config import read_json
-from .models.unet import to_diffusers_dict
 from .errors import CheckpointError
 from .models.clip import CLIPTextConfig
+from .models.unet import to_diffusers_dict
 from .tokenizer import load_tokenizer
 from .weights import CONVERTED_WEIGHTS, check_folder, read_unet_params, resolve_dtype
 from .weights.clip import read_text_encoder_params

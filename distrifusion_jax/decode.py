@@ -13,7 +13,6 @@ from .distributed import local_copy, local_device, to_host
 from .errors import ConfigError, show
 from .parallel import PATCH, STALE, PatchPlan, make_mesh
 
-
 # The smallest tile and overlap (latent rows) that keep a tiled decode close to the whole one. The error
 # falls steadily with the tile (each tile's GroupNorm statistics and attention see only the tile), with
 # no threshold in the receptive field: the floor is where it stops being gross. Mean |tiled - whole| in

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Iterable
 
 from .arguments import SEED_LIMIT
 from .config import MODES, PARALLELISMS, SPLIT_SCHEMES, STALE_KV, STALE_KV_DTYPES, DistriConfig
+from .errors import DistriFusionError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistriConfig)}
 
@@ -71,6 +73,30 @@ def seed_arg(text: str) -> int:
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"{value} is out of range: pass a seed 0 <= seed < 2^63 (e.g. 0)")
     return value
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: ...` and exit status 2, like our own errors."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run_command(parser: argparse.ArgumentParser, run, argv=None) -> int:
+    """Parse argv and run(args): the exit status (0; 2 with a one-line `error: ...` for bad input).
+
+    `run` may also be None: then the parsed arguments' `func` runs (argparse subcommands).
+    """
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a parse error already printed in one line
+        return int(e.code or 0)
+    try:
+        (run or args.func)(args)
+    except DistriFusionError as e:
+        print(f"error: {for_cli(str(e))}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def flag_of(field: str) -> str:

@@ -12,6 +12,7 @@ from .config import DistriConfig
 from .denoise import Denoiser
 from .errors import NonFiniteError
 
+
 def check_denoised(d: Denoiser, latents: np.ndarray, sched, unet_dtype, guidance_scale: float) -> None:
     """NonFiniteError naming the first step whose latents went NaN/inf (the Denoiser records it per step)."""
     step = d.nonfinite_step()
@@ -62,7 +63,7 @@ def out_of_memory_message(stage: str, dc: DistriConfig, n_images: int, do_cfg: b
     """One line: what ran out (size, batch, devices), the figures known cheaply, what uses less.
 
     `weights`: (name, params) of the model that was running; their size is exact, the rest of a
-    device's memory (activations, stale state) is not known here, so the README's measured table is named.
+    device's memory (activations, stale state) is not known here, so the measured table in docs/benchmarks.md is named.
     """
     gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
     batch = f"batch {n_images}" + (" x2 for guidance" if do_cfg else "")
@@ -74,5 +75,5 @@ def out_of_memory_message(stage: str, dc: DistriConfig, n_images: int, do_cfg: b
     if limit:
         facts.append(f"{gb(limit)} of memory per device")
     return (f"out of device memory in {stage} at {dc.height}x{dc.width}, {batch}, on {len(devices)} "
-            f"{devices[0].platform} device(s) ({', '.join(facts)}; measured SDXL peaks: README 'Memory at high "
+            f"{devices[0].platform} device(s) ({', '.join(facts)}; measured SDXL peaks: docs/benchmarks.md 'Memory at high "
             f"resolution'): use less with {', '.join(options)}")

@@ -10,9 +10,18 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from .arguments import (check_latents, check_output_type, check_prompts, float_arg, int_arg, micro_conditioning,
-                        prng_key, SEED_LIMIT)
+from .arguments import (
+    SEED_LIMIT,
+    check_latents,
+    check_output_type,
+    check_prompts,
+    float_arg,
+    int_arg,
+    micro_conditioning,
+    prng_key,
+)
 from .cache import enable_compilation_cache
 from .config import DistriConfig
 from .decode import Decoder
@@ -26,6 +35,7 @@ from .prompts import PromptEncoder, short_repr
 from .schedulers import make_scheduler, scheduler_from_config
 from .weights import load_text_encoder, load_unet
 from .weights.vae import load_vae
+
 
 @dataclasses.dataclass
 class PipelineOutput:
@@ -194,8 +204,6 @@ class DistriSDXLPipeline:
         timings["decode_s"] = time.perf_counter() - t0
         if output_type == "np":
             return PipelineOutput(image, timings)
-        from PIL import Image
-
         return PipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in image], timings)
 
     @contextlib.contextmanager

@@ -13,10 +13,10 @@ import numpy as np
 
 from .cache import check_cache_dir
 from .config import DistriConfig, read_json
-from .models.unet import UNetConfig
 from .decode import check_tiles, check_tiles_apply
 from .distributed import devices as jax_devices
 from .errors import CheckpointError, ConfigError, show
+from .models.unet import UNetConfig
 from .schedulers import make_scheduler, scheduler_from_config
 from .tokenizer import load_tokenizer
 

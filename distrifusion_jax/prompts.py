@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -36,8 +37,6 @@ def as_list(prompt: Prompt, batch: Optional[int] = None, name: str = "prompt") -
 def short_repr(value) -> str:
     """repr(value) cut to a readable length, on one line, for an error message (a long prompt list or
     an array passed by mistake stays short)."""
-    import reprlib
-
     r = reprlib.Repr()
     r.maxstring, r.maxother, r.maxlist, r.maxtuple = 40, 40, 3, 3
     return r.repr(value).replace("\n", " ")

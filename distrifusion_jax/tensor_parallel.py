@@ -27,14 +27,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from .models.unet import UNetConfig
 from .errors import ConfigError
 from .keymap import flatten, unflatten
 from .models.blocks import GEGLU
+from .models.unet import UNetConfig
 from .parallel.mesh import CFG, TENSOR
-
 
 # module path -> (role, unit). Roles: "column" splits output features (kernel's last axis and the
 # bias), so the output is sharded on its last axis; "row" splits input features (kernel's axis -2,

@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import distrifusion_jax as dj  # noqa: E402
-from distrifusion_jax.tiny import write_tiny_pipeline  # noqa: E402
+from distrifusion_jax.tools.random_pipeline import write_random_pipeline  # noqa: E402
 
 
 def psnr(a, b) -> float:
@@ -41,7 +41,7 @@ def main():
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}: {n} device(s)")
 
     # 1. a small random SDXL pipeline in diffusers' layout, 2. converted to ours
-    src = write_tiny_pipeline(out / "tiny-sdxl-diffusers", seed=0, fmt="diffusers")
+    src = write_random_pipeline(out / "tiny-sdxl-diffusers", preset="tiny-sdxl", seed=0, fmt="diffusers")
     print(f"1. wrote a small random SDXL pipeline (diffusers layout) to {src}")
     dst = dj.convert_pipeline(src, out / "tiny-sdxl-converted", dtype="float32", progress=False)
     print(f"2. converted it to {dst}")

@@ -2,18 +2,17 @@
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from tiny import FAST_COMPILE_FLAGS  # noqa: E402
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when jax is first imported (helpers imports it)
 
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()  # before JAX starts
+from helpers import FAST_COMPILE_FLAGS, SD1_TINY, SD2_TINY, SDXL_TINY, torch_unet  # noqa: E402
+
+# before JAX starts (importing helpers started none)
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
-
 import pytest  # noqa: E402
 
-from tiny import SD1_TINY, SD2_TINY, SDXL_TINY, torch_unet  # noqa: E402
+jax.config.update("jax_num_cpu_devices", 8)
 
 TINY_CONFIGS = {"sdxl": SDXL_TINY, "sd1": SD1_TINY, "sd2": SD2_TINY}
 

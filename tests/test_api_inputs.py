@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import distrifusion_jax as dj
+from distrifusion_jax.arguments import prng_key
 from distrifusion_jax.decode import Decoder
 from distrifusion_jax.denoise import Denoiser
 from distrifusion_jax.errors import OutOfMemoryError
-from distrifusion_jax.arguments import prng_key
 from distrifusion_jax.pipeline import DistriSDXLPipeline
 from distrifusion_jax.schedulers import EulerScheduler
-from distrifusion_jax.tiny import write_tiny_pipeline
+from distrifusion_jax.tools.random_pipeline import write_random_pipeline
 
 SIZE = 64  # pixels: 8x8 latents
 NAN = float("nan")
@@ -25,7 +25,7 @@ OK_LATENTS = np.zeros((1, 4, 8, 8), np.float32)
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    folder = write_tiny_pipeline(tmp_path_factory.mktemp("tiny_api"), seed=0)
+    folder = write_random_pipeline(tmp_path_factory.mktemp("tiny_api"), seed=0)
     return DistriSDXLPipeline.from_pretrained(folder, dj.DistriConfig(height=SIZE, width=SIZE, devices=1),
                                               dtype=jnp.float32, compilation_cache="off")
 
@@ -160,7 +160,7 @@ def test_out_of_memory_is_one_line_naming_size_devices_and_fixes(pipe, monkeypat
     assert re.match(r"out of device memory in denoising at 64x64, batch 2 x2 for guidance, on 1 cpu device\(s\) "
                     r"\(UNet weights [\d.]+ MB, ", message)
     for fix in ("a 0.12 GB allocation failed", "more devices", "attention_impl='chunked' (--attention chunked)",
-                "stale_kv='hidden'", "stale_kv_dtype='int8'", "README 'Memory at high resolution'"):
+                "stale_kv='hidden'", "stale_kv_dtype='int8'", "docs/benchmarks.md 'Memory at high resolution'"):
         assert fix in message
     assert "dtype=jnp.bfloat16 (--dtype bfloat16)" in message and "\n" not in message  # the UNet is float32
 

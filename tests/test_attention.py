@@ -8,7 +8,7 @@ import pytest
 import distrifusion_jax as dj
 from distrifusion_jax.models.vae import AutoencoderKL, VAEConfig
 from distrifusion_jax.nn.attention import chunked_dot_product_attention
-from tiny import SDXL_MICRO, micro_setup, rel_l2
+from helpers import SDXL_MICRO, micro_setup, rel_l2, torch_unet
 
 # (Tq, Tk, heads, head_dim, q_chunk, kv_chunk): odd lengths that divide no block, a prime key count,
 # blocks of one token, one block for everything, more blocks than a divisor would give
@@ -97,8 +97,6 @@ def test_vae_decode_with_chunked_attention():
 
 
 def test_load_unet_passes_attention_impl(tmp_path):
-    from tiny import torch_unet
-
     torch_unet(SDXL_MICRO).save_pretrained(tmp_path)
     unet, _ = dj.load_unet(tmp_path, attention_impl="chunked")
     assert unet.attention_impl == "chunked"

@@ -1,5 +1,7 @@
 """The benchmark tool on fake CPU devices: every configuration measured, ratios, the overhead, one-line errors."""
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -9,7 +11,11 @@ import sys
 import jax
 import pytest
 
-from distrifusion_jax import benchmark, cli
+from distrifusion_jax import cli
+from distrifusion_jax.config import DistriConfig
+from distrifusion_jax.errors import DistriFusionError
+from distrifusion_jax.tools import benchmark
+from distrifusion_jax.tools.bench_options import BenchmarkOptions
 
 MEASURED = ("single", "full_sync", "displaced", "naive_patch")  # "tensor" too where DistriConfig accepts it
 SMALL = ("--random", "tiny", "--height", 64, "--steps", 2, "--warmup-steps", 0, "--dtype", "float32",
@@ -126,3 +132,57 @@ def test_dry_run_lowers_without_weights(capsys, tmp_path):
     assert "displaced     8   2x4  lowered in" in capsys.readouterr().out
     r = json.loads(path.read_text())["configs"]["displaced"]
     assert r["lowered"] and (r["devices"], r["mesh"]) == (8, "2x4")
+
+
+# ---- the options object ----
+def parsed(*args) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    benchmark.add_arguments(p)
+    return p.parse_args([str(a) for a in args])
+
+
+def test_options_from_the_command_line_equal_those_built_in_python():
+    args = parsed(*SMALL, "--devices", 4, "--overhead", "--configs", "single,displaced", "--stale-kv", "hidden")
+    built = BenchmarkOptions(random="tiny", distri=DistriConfig(64, 64, devices=4, warmup_steps=0, stale_kv="hidden"),
+                             steps=2, dtype="float32", repeats=2, overhead=True, configs=("single", "displaced"))
+    assert BenchmarkOptions.from_args(args) == built
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.steps = 3
+
+
+def test_options_defaults():
+    """The image size follows the model (256 for the tiny one, SDXL's 1024), width follows height."""
+    assert (BenchmarkOptions(random="tiny").height, BenchmarkOptions(random="sdxl").width) == (256, 1024)
+    o = BenchmarkOptions.from_args(parsed("--random", "sdxl", "--height", 2048))
+    assert (o.height, o.width, o.configs, o.distri.devices) == (2048, 2048, benchmark.CONFIGS, None)
+    assert BenchmarkOptions(random="tiny", configs="none", overhead=True).configs == ()
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(), "one of --model (a pipeline) and --random (random weights) is required"),
+    (dict(model="x", random="tiny"), "one of --model (a pipeline) and --random (random weights) is required"),
+    (dict(random="huge"), "--random huge: choose from sdxl, tiny"),
+    (dict(random="tiny", steps=0), "--steps 0: must be at least 1"),
+    (dict(random="tiny", repeats=2.5), "--repeats 2.5: must be a whole number"),
+    (dict(random="tiny", batch=True), "--batch True: must be a whole number"),
+    (dict(random="tiny", configs=("single", "pipeline")), "--configs pipeline: choose from"),
+    (dict(random="tiny", configs="none"), "'none' only with --overhead"),
+    (dict(random="tiny", dtype="float64"), "--dtype float64: choose from float32, bfloat16, float16"),
+    (dict(random="tiny", vae_dtype="int8"), "--vae-dtype int8: choose from"),
+    (dict(random="tiny", scheduler="pndm"), "--scheduler pndm: choose from ddim, euler, dpm-solver"),
+    (dict(random="tiny", seed=-1), "--seed -1: pass a whole number 0 <= seed < 2^63"),
+    (dict(random="tiny", distri=(64, 64)), "distri=(64, 64): pass a DistriConfig"),
+])
+def test_options_are_checked_on_construction(fields, message):
+    with pytest.raises(DistriFusionError) as e:
+        BenchmarkOptions(**fields)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_options_check_the_json_path(tmp_path):
+    with pytest.raises(DistriFusionError, match="does not exist; create it first"):
+        BenchmarkOptions(random="tiny", json=str(tmp_path / "missing" / "r.json"))
+    (tmp_path / "old.json").write_text("{}")
+    with pytest.raises(DistriFusionError, match="already exists; pass --overwrite"):
+        BenchmarkOptions(random="tiny", json=str(tmp_path / "old.json"))
+    BenchmarkOptions(random="tiny", json=str(tmp_path / "old.json"), overwrite=True)

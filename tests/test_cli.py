@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distrifusion_jax import benchmark, cli, pipeline
+from distrifusion_jax import cli, pipeline
 from distrifusion_jax.errors import DistriFusionError
-from distrifusion_jax.tiny import write_tiny_pipeline
-from tiny import FAST_COMPILE_FLAGS
+from distrifusion_jax.tools import benchmark
+from distrifusion_jax.tools.random_pipeline import write_random_pipeline
+from helpers import FAST_COMPILE_FLAGS
 
 SMALL = ("--height", 64, "--width", 64, "--steps", 2, "--devices", 1, "--dtype", "float32", "--no-progress",
          "--compile-cache", "off")
@@ -26,7 +27,7 @@ SMALL = ("--height", 64, "--width", 64, "--steps", 2, "--devices", 1, "--dtype",
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"), seed=0)
+    return write_random_pipeline(tmp_path_factory.mktemp("tiny_pipeline"), seed=0)
 
 
 class Stopped(DistriFusionError):
@@ -222,6 +223,7 @@ def cli_process(*args, fast_compile=True):
                           text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_generate_on_fake_devices(tiny_pipeline, tmp_path):
     """A fresh process creates its fake devices from --devices and shows the progress bar (synchronous steps
     only: displaced ones are tested in test_patch_parallel.py, and compile longer)."""
@@ -236,6 +238,7 @@ def test_generate_on_fake_devices(tiny_pipeline, tmp_path):
     assert image.shape == (64, 64, 3) and image.std() > 0
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_written(tiny_pipeline, tmp_path):
     """Without the progress callback the denoising program lands in the persistent cache."""
     r = cli_process("generate", "--model", tiny_pipeline, "--prompt", "x", "--height", 64, "--width", 64, "--steps", 2,

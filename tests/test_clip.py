@@ -9,18 +9,23 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from tiny import perturbed, rel_l2
 from transformers import CLIPTextConfig as TorchConfig
 from transformers import CLIPTextModel as TorchCLIPText
 from transformers import CLIPTextModelWithProjection as TorchCLIPTextProj
 from transformers.activations import ACT2FN
 
 from distrifusion_jax import keymap
-from distrifusion_jax.errors import CheckpointError, ConfigError, DistriFusionError
-from distrifusion_jax.models.clip import (ACTIVATIONS, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                                          text_encoder_class)
 from distrifusion_jax.convert import convert_text_encoder
+from distrifusion_jax.errors import CheckpointError, ConfigError, DistriFusionError
+from distrifusion_jax.models.clip import (
+    ACTIVATIONS,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    text_encoder_class,
+)
 from distrifusion_jax.weights.clip import load_text_encoder, text_encoder_key_map
+from helpers import perturbed, rel_l2
 
 SDXL = Path(__file__).parents[1] / "distrifusion_jax" / "configs" / "sdxl-base-1.0"
 VOCAB, EOS_ARGMAX, EOS_OTHER = 100, 99, 49  # with eos_token_id=2 the pooled token is the largest id (99 here)

@@ -1,8 +1,6 @@
 """The communication report: byte counts against a hand count of the tiny UNet's layers, FLOPs per device."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,31 +9,28 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-import distrifusion_jax as dj
+from distrifusion_jax.models.presets import preset_dict, unet_preset
 from distrifusion_jax.parallel import CFG, PATCH, PatchPlan
-from distrifusion_jax.parallel import report as R
+from distrifusion_jax.tools import abstract as A
+from distrifusion_jax.tools import comm as R
+from distrifusion_jax.tools import comm_report
 
-TINY = {
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 4, "attention_head_dim": [1, 2],
-    "block_out_channels": [8, 16], "cross_attention_dim": 8, "layers_per_block": 1, "norm_num_groups": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "projection_class_embeddings_input_dim": 20, "use_linear_projection": True,
-}
+TINY = preset_dict("micro-sdxl")  # the smallest SDXL-shaped UNet: DownBlock2D + a cross-attention level, text_time
 HEIGHT, WIDTH = 128, 96  # latent 16 x 12: four bands of 4 rows, 2 rows at the lower level
-CONFIG = dj.UNetConfig.from_dict(TINY)
+CONFIG = unet_preset("micro-sdxl")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return R.abstract_model(CONFIG, "bfloat16")
+    return A.abstract_model(CONFIG, "bfloat16")
 
 
 @pytest.fixture(scope="module")
 def rows(model):
     """analyze() of the tiny UNet for 2 and 4 devices with and without the CFG split (traced once)."""
     unet, params = model
-    baseline = R.single_device_flops(unet, params, R.Case(CONFIG, HEIGHT, WIDTH, 1))
-    return {(n, split): R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, n, split), unet, params, baseline)
+    baseline = A.single_device_flops(unet, params, A.Case(CONFIG, HEIGHT, WIDTH, 1))
+    return {(n, split): R.analyze(A.Case(CONFIG, HEIGHT, WIDTH, n, split), unet, params, baseline)
             for n in (2, 4) for split in (True, False)}
 
 
@@ -133,8 +128,8 @@ def test_flops_ratio_is_sane(rows, n, split):
 
 def test_float32_and_separate_gn():
     """Item sizes follow the dtype; separate_gn exchanges no statistics (ours nor the reference's)."""
-    unet, params = R.abstract_model(CONFIG, "float32")
-    row = R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, 4, False, "float32", "separate_gn"), unet, params,
+    unet, params = A.abstract_model(CONFIG, "float32")
+    row = R.analyze(A.Case(CONFIG, HEIGHT, WIDTH, 4, False, "float32", "separate_gn"), unet, params,
                     with_flops=False)
     ours, _, ref, _ = expected(TINY, HEIGHT // 8, WIDTH // 8, 4, False, itemsize=4)
     assert {k: row["ours"]["received"][k] for k in R.KINDS} == dict(ours, gn=0)
@@ -146,7 +141,7 @@ def test_float32_and_separate_gn():
 def test_stale_kv_options_shrink_kv_bytes(model, rows, stale_kv, stale_kv_dtype):
     """K/V bytes (exchange and state) follow the options' shapes; the reference's stay those of bf16 K and V."""
     unet, params = model
-    row = R.analyze(R.Case(CONFIG, HEIGHT, WIDTH, 4, False, stale_kv=stale_kv, stale_kv_dtype=stale_kv_dtype),
+    row = R.analyze(A.Case(CONFIG, HEIGHT, WIDTH, 4, False, stale_kv=stale_kv, stale_kv_dtype=stale_kv_dtype),
                     unet, params, with_flops=False)
     default = rows[4, False]
     kv = default["ours"]["received"]["kv"]  # bf16 K and V: 2 bytes per element
@@ -171,7 +166,7 @@ def test_border_bands_exchange_less(rows):
 
 def test_indivisible_size_is_reported_not_raised(model):
     unet, params = model
-    row = R.analyze(R.Case(CONFIG, 136, WIDTH, 4, False), unet, params, baseline=1.0)
+    row = R.analyze(A.Case(CONFIG, 136, WIDTH, 4, False), unet, params, baseline=1.0)
     assert "divisible" in row["error"]
 
 
@@ -183,29 +178,29 @@ def test_lowered_cost_analysis_is_per_device():
     sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(PATCH), P()), out_specs=P(PATCH)))
     args = (jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32))
     per_device = 2 * (m // 4) * k * n
-    assert R.flops(jax.jit(f).lower(*args)) == 4 * per_device
-    assert R.flops(sharded.lower(*args)) == pytest.approx(per_device, abs=8)
-    assert R.flops(sharded.lower(*args).compile()) == pytest.approx(per_device, abs=8)
+    assert A.flops(jax.jit(f).lower(*args)) == 4 * per_device
+    assert A.flops(sharded.lower(*args)) == pytest.approx(per_device, abs=8)
+    assert A.flops(sharded.lower(*args).compile()) == pytest.approx(per_device, abs=8)
 
 
 def test_sharded_unet_flops_equal_unsharded_band(model):
     """A plain UNet under shard_map on a quarter band costs what the UNet costs on an image that size."""
     unet, params = model
-    case = R.Case(CONFIG, HEIGHT, WIDTH, 4, False)
-    d = R.make_denoiser(unet, case)
+    case = A.Case(CONFIG, HEIGHT, WIDTH, 4, False)
+    d = A.make_denoiser(unet, case)
     plain, t = d.model(None), d.timesteps[0]
     fn = lambda p, x, e, a: d.eps(plain, p, None, x, t, e, a)[0]
     sharded = jax.shard_map(fn, mesh=d.mesh, in_specs=(P(), P(None, PATCH), P(), P()), out_specs=P(None, PATCH))
-    whole = R.flops(jax.jit(sharded).lower(params, *R.abstract_inputs(case)))
-    band = R.Case(CONFIG, HEIGHT // 4, WIDTH, 1, False)
-    assert whole == pytest.approx(R.single_device_flops(unet, params, band), abs=8)
+    whole = A.flops(jax.jit(sharded).lower(params, *A.abstract_inputs(case)))
+    band = A.Case(CONFIG, HEIGHT // 4, WIDTH, 1, False)
+    assert whole == pytest.approx(A.single_device_flops(unet, params, band), abs=8)
 
 
 def test_zero_initial_state_costs_like_a_state_input(model, rows):
     """`trace_displaced_step` lets Flax create the state; the FLOPs match a step that takes it as input."""
     unet, params = model
-    case = R.Case(CONFIG, HEIGHT, WIDTH, 4, True)
-    d, inputs = R.make_denoiser(unet, case), R.abstract_inputs(case)
+    case = A.Case(CONFIG, HEIGHT, WIDTH, 4, True)
+    d, inputs = A.make_denoiser(unet, case), A.abstract_inputs(case)
     sync, disp = (d.model(PatchPlan(ph, case.mode)) for ph in ("sync", "displaced"))
     t, batch, state = d.timesteps[0], P(CFG), P((CFG, PATCH))
     init = jax.shard_map(lambda p, x, e, a: d.initial_stale(sync, p, x, e, a), mesh=d.mesh,
@@ -213,16 +208,12 @@ def test_zero_initial_state_costs_like_a_state_input(model, rows):
     stale = jax.eval_shape(init, params, *inputs)
     step = jax.shard_map(lambda p, s, x, e, a: d.eps(disp, p, s, x, t, e, a), mesh=d.mesh,
                          in_specs=(P(), state, P(None, PATCH), batch, batch), out_specs=(P(None, PATCH), state))
-    assert rows[4, True]["flops_per_device"] == R.flops(jax.jit(step).lower(params, stale, *inputs))
+    assert rows[4, True]["flops_per_device"] == A.flops(jax.jit(step).lower(params, stale, *inputs))
 
 
 def test_cli_tiny_writes_json(tmp_path, capsys):
-    path = Path(__file__).parents[1] / "examples" / "comm_report.py"
-    spec = importlib.util.spec_from_file_location("comm_report", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     out = tmp_path / "r.json"
-    cli.main(["--tiny", "--sizes", "64", "--devices", "4", "--json", str(out)])
+    assert comm_report.main(["--tiny", "--sizes", "64", "--device-counts", "4", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "ours (JAX)" in text and "distrifuser" in text
     [row] = json.loads(out.read_text())["rows"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import distrifusion_jax as dj
-from tiny import SD1_TINY, SDXL_TINY
+from helpers import SD1_TINY, SDXL_TINY
 
 
 def test_presets_match_published_configs():

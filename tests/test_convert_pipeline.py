@@ -15,11 +15,12 @@ from transformers import CLIPTokenizer
 from distrifusion_jax import convert as convert_module
 from distrifusion_jax import keymap
 from distrifusion_jax.cli import main as cli_main
+from distrifusion_jax.config import DistriConfig
 from distrifusion_jax.convert import PIPELINE_MODELS, convert, convert_pipeline, convert_unet
 from distrifusion_jax.errors import CheckpointError, ConfigError
-from distrifusion_jax.config import DistriConfig
+from distrifusion_jax.models.presets import preset_dict
 from distrifusion_jax.pipeline import DistriSDXLPipeline
-from distrifusion_jax.tiny import UNET, VAE, tiny_params, write_tiny_pipeline
+from distrifusion_jax.tools.random_pipeline import random_params_of, write_random_pipeline
 from distrifusion_jax.weights import load_text_encoder, load_unet, load_vae
 from distrifusion_jax.weights.clip import text_encoder_key_map
 from distrifusion_jax.weights.vae import vae_key_map
@@ -27,12 +28,13 @@ from distrifusion_jax.weights.vae import vae_key_map
 LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder, "text_encoder_2": load_text_encoder}
 KEY_MAPS = {"unet": keymap.torch_to_flax, "vae": vae_key_map, "text_encoder": text_encoder_key_map,
             "text_encoder_2": text_encoder_key_map}
+UNET, VAE = preset_dict("tiny-sdxl", "unet"), preset_dict("tiny-sdxl", "vae")  # what the random pipeline holds
 PROMPT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" in the CLIP vocabulary
 
 
 @pytest.fixture(scope="module")
 def tiny_diffusers(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", seed=0, fmt="diffusers")
+    return write_random_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", seed=0, fmt="diffusers")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,8 @@ def converted(tiny_diffusers, tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def expected_params(name: str) -> dict:
-    """tiny_params(name, seed=0), drawn once per module (the UNet's abstract evaluation takes a second)."""
-    return tiny_params(name, seed=0)
+    """The random pipeline's parameters, drawn once per module (the UNet's abstract evaluation takes a second)."""
+    return random_params_of("tiny-sdxl", name, seed=0)
 
 
 def torch_as_flax(module, key_map) -> dict:
@@ -72,6 +74,7 @@ def stored_dtypes(folder) -> set:
         return {f.get_slice(k).get_dtype() for k in f.keys()}
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_loads_and_runs_in_diffusers(tiny_diffusers):
     from diffusers import StableDiffusionXLPipeline
 
@@ -112,7 +115,7 @@ def test_converted_tokenizers_and_scheduler(tiny_diffusers, converted):
 
 
 def test_tiny_converted_format_equals_the_converted_diffusers_one(converted, tmp_path):
-    direct = write_tiny_pipeline(tmp_path / "tiny", seed=0, dtype="bfloat16")
+    direct = write_random_pipeline(tmp_path / "tiny", seed=0, dtype="bfloat16")
     for name in PIPELINE_MODELS:
         dtype = np.float32 if name == "vae" else ml_dtypes.bfloat16
         model_a, a = LOADERS[name](direct / name, dtype=dtype)
@@ -121,7 +124,7 @@ def test_tiny_converted_format_equals_the_converted_diffusers_one(converted, tmp
         assert_same(keymap.flatten(a), {k: np.asarray(v) for k, v in keymap.flatten(b).items()}, dtype)
     assert stored_dtypes(direct / "vae") == {"F32"} and VAE["force_upcast"]
     with pytest.raises(ConfigError, match="unknown fmt 'torch'"):
-        write_tiny_pipeline(tmp_path / "bad", fmt="torch")
+        write_random_pipeline(tmp_path / "bad", fmt="torch")
 
 
 def test_cli_converts_a_pipeline_folder(tiny_diffusers, tmp_path, capsys):

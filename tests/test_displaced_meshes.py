@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import distrifusion_jax as dj
-from tiny import SDXL_MICRO, rel_l2, sdxl_scheduler_config
+from helpers import SDXL_MICRO, rel_l2, sdxl_scheduler_config
 
 WIDTH = 64  # latents 8 columns wide
 STEPS, WARMUP = 4, 1  # steps 0-1 synchronous, 2-3 displaced

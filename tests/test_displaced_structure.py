@@ -13,8 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import distrifusion_jax as dj
 from distrifusion_jax.parallel import CFG, PATCH, PatchPlan
-from jaxpr_taint import output_taints, shard_map_body
-from tiny import micro_setup
+from helpers import micro_setup, output_taints, shard_map_body
 
 HEIGHT, WIDTH = 128, 64  # latents 16 x 8
 

@@ -6,7 +6,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 import distrifusion_jax as dj
 from distrifusion_jax.models.unet import to_diffusers_dict
-from tiny import assert_full_size_mapping
+from helpers import assert_full_size_mapping
 
 PRESETS = {"sdxl_base": (dj.sdxl_base, 2_567_463_684), "sd15": (dj.sd15, 859_520_964),
            "sd21": (dj.sd21, 865_910_724)}

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import multihost_worker as W
 import numpy as np
 import pytest
 
-import multihost_worker as W
 from distrifusion_jax import DistriConfig, distributed
 from distrifusion_jax.errors import ConfigError, DistriFusionError
 from distrifusion_jax.pipeline import DistriSDXLPipeline
-from distrifusion_jax.tiny import write_tiny_pipeline
+from distrifusion_jax.tools.random_pipeline import write_random_pipeline
 
 TOLERANCE = 1e-5  # max abs difference (images in [0, 1], latents of order 10) and relative L2; the same
 # program on as many devices: the latents come out bitwise equal, the decode within ~1e-6
@@ -38,16 +38,15 @@ def free_port() -> int:
 
 
 def worker_env() -> dict:
-    root = str(Path(__file__).resolve().parents[1])
+    """Ours without a launcher's variables; the workers import the installed package, nothing from tests/."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}  # no launcher around us
-    env.update(JAX_PLATFORMS="cpu", DISTRIFUSION_JAX_CACHE="off",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env.update(JAX_PLATFORMS="cpu", DISTRIFUSION_JAX_CACHE="off")
     return env
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"), seed=0)
+    return write_random_pipeline(tmp_path_factory.mktemp("tiny_pipeline"), seed=0)
 
 
 def reference(model) -> dict:
@@ -87,6 +86,7 @@ def report(log: str) -> dict:
     return json.loads(lines[0][len("MULTIHOST "):])
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tiny_pipeline, tmp_path):
     assert len(jax.devices()) == 8 and jax.process_count() == 1  # the reference: one process, 8 devices
     t0 = time.perf_counter()
@@ -116,6 +116,7 @@ def test_two_processes_equal_one_process(tiny_pipeline, tmp_path):
     print(f"2 processes x 4 devices and the reference: {time.perf_counter() - t0:.1f} s")
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_fast_in_one_line(tiny_pipeline):
     """Process 1 of 2 pointed at a port where nobody listens: exit status 2 and a one-line error in seconds."""
     address = f"127.0.0.1:{free_port()}"

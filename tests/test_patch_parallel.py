@@ -9,8 +9,16 @@ from jax.sharding import PartitionSpec as P
 
 import distrifusion_jax as dj
 from distrifusion_jax.parallel import CFG, PATCH, PatchPlan
-from jaxpr_taint import output_taints, shard_map_body
-from tiny import SDXL_MICRO, loop_runner, micro_setup, rel_l2, sdxl_scheduler_config
+from helpers import (
+    SDXL_MICRO,
+    loop_runner,
+    micro_setup,
+    output_taints,
+    rel_l2,
+    sdxl_scheduler_config,
+    shard_map_body,
+    torch_unet,
+)
 
 HEIGHT, WIDTH = 128, 192  # latents 16 x 24: non-square, 8 bands of 2 rows (1 row at the lower level)
 EXACT = 1e-5  # float32 relative L2 tolerance for synchronous parallelism vs one device
@@ -134,8 +142,6 @@ def test_single_device_loop_equals_diffusers_ddim_loop(tmp_path):
     import torch
     from diffusers import DDIMScheduler
 
-    from tiny import torch_unet
-
     model = torch_unet(SDXL_MICRO, seed=3)
     model.save_pretrained(tmp_path)
     unet, params = dj.load_unet(tmp_path)
@@ -214,34 +220,6 @@ def test_latents_must_match_the_config(setup):
         denoise(params, latents.transpose(0, 3, 1, 2), ehs, added)
     with pytest.raises(dj.DistriFusionError, match="expected NHWC"):
         denoise(params, latents[0], ehs, added)
-
-
-def test_emulated_band_step_computes_what_the_real_band_does(setup):
-    """PatchPlan(emulate=P) (benchmarks: one band's compute without a mesh) gives band 0's real result."""
-    from distrifusion_jax.parallel import STALE
-
-    unet, params, (latents, ehs, added), sched = setup
-    x = latents.at[:, HEIGHT // 16].set(0.0)  # band 1's first row: conv_in's exact halo, which emulation zeroes
-    ehs1, added1 = ehs[1:], {k: v[1:] for k, v in added.items()}
-    d = dj.Denoiser(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=2, do_classifier_free_guidance=False), sched, 4)
-    sync, disp = d.model(PatchPlan("sync", "corrected_async_gn")), d.model(PatchPlan("displaced", "corrected_async_gn"))
-    t = jnp.float32(300.0)
-
-    def f(params, x):
-        _, state = d.eps(sync, params, None, x, t, ehs1, added1)
-        eps, _ = d.eps(disp, params, state, x, t, ehs1, added1)
-        return eps, state
-
-    both = (CFG, PATCH)  # the cfg axis has size 1 here; the state is typed as varying over it
-    eps, state = jax.jit(jax.shard_map(f, mesh=d.mesh, in_specs=(P(), P(None, PATCH)),
-                                       out_specs=(P(None, both), P(both))))(params, x)
-    band0_state = jax.tree.map(lambda a: a[: a.shape[0] // 2], state)  # device 0's slice of the stacked state
-    emulated = unet.clone(parallel=PatchPlan("displaced", "corrected_async_gn", emulate=2))
-    out, new = emulated.apply({"params": params, STALE: band0_state}, x[:, : HEIGHT // 16], t, ehs1, added1,
-                              mutable=[STALE])
-    assert rel_l2(out, np.asarray(eps)[:, : HEIGHT // 16]) <= EXACT
-    # emulation exchanges nothing, so the state is left as it was
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new[STALE]), jax.tree.leaves(band0_state)))
 
 
 class NaNAtStep:

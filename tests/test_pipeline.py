@@ -9,6 +9,7 @@ import torch
 
 import distrifusion_jax as dj
 from distrifusion_jax.pipeline import DistriSDXLPipeline
+from helpers import rel_l2
 
 HEIGHT, WIDTH = 128, 192
 PSNR_MIN = 40.0  # dB, float32
@@ -21,7 +22,12 @@ def psnr(a, b) -> float:
 
 def tiny_sdxl(folder):
     """A tiny random SDXL pipeline built with diffusers/transformers and saved with save_pretrained."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -77,6 +83,7 @@ def latents():
     return np.random.default_rng(0).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices, mode", [(1, "full_sync"), (8, "full_sync")])
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm-solver"])
 def test_images_equal_diffusers(checkpoint, latents, scheduler, devices, mode):
@@ -92,6 +99,7 @@ def test_images_equal_diffusers(checkpoint, latents, scheduler, devices, mode):
     assert value >= PSNR_MIN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 8])
 def test_batch_rescale_micro_conditioning_equal_diffusers(checkpoint, devices):
     """Two prompts, no negative prompt (zeros, as SDXL forces), guidance_rescale, custom size conditioning."""
@@ -152,6 +160,7 @@ def test_bad_pipeline_inputs(checkpoint, tmp_path, monkeypatch):
         DistriSDXLPipeline.from_pretrained("someone/not-cached-sdxl")
 
 
+@pytest.mark.slow
 def test_converted_pipeline_gives_the_same_images(checkpoint, latents, tmp_path):
     folder, _ = checkpoint
     converted = dj.convert_pipeline(folder, tmp_path / "converted", dtype="float32", progress=False)
@@ -172,7 +181,5 @@ def test_row_sharded_decode_equals_one_device_decode(checkpoint, latents):
     assert sharded.decoder.parallel_for(z) and not single.decoder.parallel_for(z)
     a = np.asarray(sharded.decoder(sharded.vae_params, z))
     b = np.asarray(single.decoder(single.vae_params, z))
-    from tiny import rel_l2
-
     print(f"row-sharded decode on 8 devices vs one: relative L2 {rel_l2(a, b):.1e}")
     assert rel_l2(a, b) <= 1e-5

@@ -12,13 +12,13 @@ import distrifusion_jax as dj
 from distrifusion_jax import pipeline
 from distrifusion_jax.preflight import check_steps
 from distrifusion_jax.schedulers import make_scheduler
-from distrifusion_jax.tiny import write_tiny_pipeline
+from distrifusion_jax.tools.random_pipeline import write_random_pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """The tiny pipeline's folder without its weights: nothing here reads them."""
-    folder = write_tiny_pipeline(tmp_path_factory.mktemp("tiny"), seed=0)
+    folder = write_random_pipeline(tmp_path_factory.mktemp("tiny"), seed=0)
     for f in folder.glob("*/*.safetensors"):
         f.unlink()
     return folder

@@ -12,10 +12,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import distrifusion_jax as dj
+from distrifusion_jax.models.presets import unet_preset
 from distrifusion_jax.parallel import CFG, PATCH, compress
-from distrifusion_jax.parallel import report as R
-from jaxpr_taint import output_taints, shard_map_body
-from tiny import SDXL_MICRO, loop_runner, micro_setup, rel_l2
+from distrifusion_jax.tools import abstract as A
+from distrifusion_jax.tools.comm import state_by_kind
+from helpers import loop_runner, micro_setup, output_taints, rel_l2, shard_map_body
 
 HEIGHT, WIDTH = 128, 192  # as tests/test_patch_parallel.py: 8 devices, CFG split, 4 bands
 EXACT = 1e-5
@@ -60,17 +61,17 @@ def test_displaced_run_is_as_accurate_as_the_default(setup, name):
 
 def state_shapes(**options):
     """{kind: [ShapeDtypeStruct]} of the stale state the loop carries (8 devices, global shapes)."""
-    config = dj.UNetConfig.from_dict(SDXL_MICRO)
-    unet, params = R.abstract_model(config, "float32")
-    case = R.Case(config, HEIGHT, WIDTH, 8, True, "float32", **options)
-    d, (lat, ehs, added) = R.make_denoiser(unet, case), R.abstract_inputs(case)
+    config = unet_preset("micro-sdxl")
+    unet, params = A.abstract_model(config, "float32")
+    case = A.Case(config, HEIGHT, WIDTH, 8, True, "float32", **options)
+    d, (lat, ehs, added) = A.make_denoiser(unet, case), A.abstract_inputs(case)
     init = jax.shard_map(lambda p, x, e, a: d.initial_stale(d.model(d.plan("sync")), p, x, e, a), mesh=d.mesh,
                          in_specs=(P(), P(None, PATCH), P(CFG), P(CFG)), out_specs=P((CFG, PATCH)))
-    return R.state_by_kind(jax.eval_shape(init, params, lat, ehs, added))
+    return state_by_kind(jax.eval_shape(init, params, lat, ehs, added))
 
 
 def test_state_shrinks_by_the_expected_factors():
-    size = lambda leaves: sum(R.nbytes(a) for a in leaves)
+    size = lambda leaves: sum(A.nbytes(a) for a in leaves)
     default = state_shapes()
     kv = default["kv"]  # k, v [B, P T, N, Hd] float32
     assert kv and all(a.dtype == jnp.float32 for a in kv)

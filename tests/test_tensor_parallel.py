@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 import distrifusion_jax as dj
 from distrifusion_jax.parallel.mesh import TENSOR
 from distrifusion_jax.tensor_parallel import TensorPlan
-from tiny import micro_setup, rel_l2
+from helpers import micro_setup, rel_l2
 
 HEIGHT, WIDTH = 64, 96  # latents 8 x 12: tensor parallelism does not split the image, so any valid size
 STEPS = 3

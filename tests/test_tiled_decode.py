@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 
 import distrifusion_jax as dj
-from distrifusion_jax.decode import MIN_TILE_ROWS, Decoder, blend_weights, check_tiles_apply, tile_starts, tiled
-from distrifusion_jax.models.vae import AutoencoderKL, VAEConfig
-from distrifusion_jax.tiny import VAE, tiny_params
+from distrifusion_jax.decode import (
+    MIN_TILE_ROWS,
+    Decoder,
+    blend_weights,
+    check_tiles_apply,
+    tile_starts,
+    tiled,
+)
 from distrifusion_jax.keymap import unflatten
+from distrifusion_jax.models.presets import vae_preset
+from distrifusion_jax.models.vae import AutoencoderKL
+from distrifusion_jax.tools.random_pipeline import random_params_of
 
 
 @pytest.mark.parametrize("height,tile,overlap", [(40, 16, 4), (37, 16, 5), (64, 64, 16), (20, 64, 16), (33, 8, 0)])
@@ -40,8 +48,8 @@ def test_stitching_is_exact_for_a_pixelwise_decoder():
 
 
 def tiny_vae():
-    vae = AutoencoderKL(VAEConfig.from_dict(VAE))
-    return vae, unflatten(tiny_params("vae", seed=1))
+    vae = AutoencoderKL(vae_preset("tiny-sdxl"))
+    return vae, unflatten(random_params_of("tiny-sdxl", "vae", seed=1))
 
 
 def psnr(out, whole) -> float:
@@ -76,7 +84,7 @@ def test_tiled_decode_approximates_whole_decode():
     (16, 16, "4 <= tile_overlap < tile_rows"),
 ])
 def test_bad_tile_arguments(rows, overlap, message):
-    vae = AutoencoderKL(VAEConfig.from_dict(VAE))
+    vae = AutoencoderKL(vae_preset("tiny-sdxl"))
     with pytest.raises(dj.ConfigError, match=re.escape(message)):
         Decoder(vae, jax.devices()[:1], tile_rows=rows, tile_overlap=overlap)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distrifusion_jax as dj
-from tiny import SDXL_TINY_TEXT_EMBED_DIM, SDXL_TINY_TIME_IDS, rel_l2
+from helpers import SDXL_TINY_TEXT_EMBED_DIM, SDXL_TINY_TIME_IDS, rel_l2
 
 # name -> latent (H, W): non-square, divisible by 2^(levels - 1)
 SHAPES = {"sdxl": (16, 24), "sd1": (16, 8), "sd2": (8, 24)}

@@ -12,11 +12,11 @@ from safetensors.numpy import load_file, save_file
 
 import distrifusion_jax as dj
 from distrifusion_jax import keymap
+from distrifusion_jax.convert import convert_vae
 from distrifusion_jax.models.presets import sdxl_vae_config
 from distrifusion_jax.models.vae import AutoencoderKL, VAEConfig
-from distrifusion_jax.convert import convert_vae
 from distrifusion_jax.weights.vae import load_vae
-from tiny import assert_full_size_mapping, perturbed, rel_l2
+from helpers import assert_full_size_mapping, perturbed, rel_l2
 
 TOL = 1e-5  # float32 relative L2; reached: about 2e-7 to 6e-7 on these configs
 

@@ -17,6 +17,7 @@ import torch
 import distrifusion_jax as dj
 from distrifusion_jax import keymap
 from distrifusion_jax.cli import main as cli_main
+from helpers import SD1_TINY
 
 
 def torch_params_as_flax(model, dtype=np.float32):
@@ -92,7 +93,6 @@ def test_sharded_checkpoint_loads(tiny_unet_dir, tmp_path):
 def test_saved_diffusers_folder_loads_in_diffusers(tmp_path):
     """Our writer (used by the examples) produces a folder diffusers itself loads to the same weights."""
     from diffusers import UNet2DConditionModel as TorchUNet
-    from tiny import SD1_TINY
 
     config = dj.UNetConfig.from_dict(SD1_TINY)
     params = dj.UNet2DConditionModel(config).init_params(seed=1)
@@ -159,8 +159,6 @@ def test_missing_folder_and_files(tmp_path):
         dj.load_unet(tmp_path / "nope")
     with pytest.raises(dj.CheckpointError, match="no config.json"):
         dj.load_unet(tmp_path)
-    from tiny import SD1_TINY
-
     (tmp_path / "config.json").write_text(json.dumps(SD1_TINY))
     with pytest.raises(dj.CheckpointError, match="no diffusion_pytorch_model.safetensors"):
         dj.load_unet(tmp_path)

@@ -21,6 +21,7 @@ PRESETS = {
                  "with the real vocabulary (the random test and demo pipeline)",
     "micro-sdxl": "the smallest SDXL-shaped UNet (DownBlock2D + one cross-attention level, text_time): "
                   "for the many compilations of patch-parallel tests and reports",
+    "small-sdxl": "two-level SDXL-shaped UNet (32/64 channels, six SDXL time ids): benchmark runs on a CPU",
     "parity-sdxl": "SDXL-like UNet for parity tests: three levels, per-level transformer depth and heads, "
                    "linear projections, text_time with 16-wide text embeddings and 3 time ids",
     "parity-sd1": "SD 1.x-like UNet for parity tests: four levels, conv projections, an int head count",
@@ -29,13 +30,18 @@ PRESETS = {
 }
 
 
-def preset_dict(name: str, component: str = "unet") -> dict:
-    """A bundled config.json as a dict; ConfigError naming the presets that exist."""
-    path = resources.files(__package__.rpartition(".")[0]).joinpath("configs", name, component, "config.json")
+def preset_dict(name: str, component: str = "unet", filename: str = "config.json") -> dict:
+    """A bundled config file as a dict; ConfigError naming the presets that exist."""
+    path = resources.files(__package__.rpartition(".")[0]).joinpath("configs", name, component, filename)
     if name not in PRESETS or not path.is_file():
         known = ", ".join(n for n in PRESETS)
         raise ConfigError(f"no bundled {component} config named {name!r}: presets are {known}")
     return json.loads(path.read_text())
+
+
+def scheduler_preset(name: str = "sdxl-base-1.0") -> dict:
+    """A bundled scheduler_config.json (a scheduler of another class reads the fields it knows)."""
+    return preset_dict(name, "scheduler", "scheduler_config.json")
 
 
 def unet_preset(name: str) -> UNetConfig:
@@ -70,5 +76,5 @@ def sdxl_vae_config() -> VAEConfig:
     return vae_preset("sdxl-base-1.0")
 
 
-__all__ = ["PRESETS", "preset_dict", "unet_preset", "vae_preset", "text_encoder_preset", "sdxl_base", "sd15",
+__all__ = ["PRESETS", "preset_dict", "unet_preset", "vae_preset", "text_encoder_preset", "scheduler_preset", "sdxl_base", "sd15",
            "sd21", "sdxl_vae_config"]

@@ -15,7 +15,6 @@ from ..errors import ConfigError, DistriFusionError
 from ..nn import Conv2d, GroupNorm
 from .blocks import ACT, DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
 
-
 # ---- configuration ----
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")

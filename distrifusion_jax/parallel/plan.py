@@ -66,9 +66,6 @@ class PatchPlan:
     phase: str
     mode: str = "corrected_async_gn"
     axis: str = PATCH
-    # > 0: compute of one band out of `emulate`, on one device without a mesh: every exchange is left
-    # out and the state is only read (benchmarks of a displaced step's compute, not for generation)
-    emulate: int = 0
     stale_kv: str = "kv"  # "kv" | "hidden": see the module docstring
     stale_kv_dtype: Optional[str] = None  # None (the compute dtype) | "bfloat16" | "float8_e4m3fn" | "int8"
 
@@ -78,16 +75,9 @@ class PatchPlan:
         if self.stale_kv not in STALE_KV or self.stale_kv_dtype not in STALE_KV_DTYPES:
             raise ValueError(f"PatchPlan: stale_kv {self.stale_kv!r} / stale_kv_dtype {self.stale_kv_dtype!r} "
                              f"not in {STALE_KV} / {STALE_KV_DTYPES}")
-        if self.emulate and (self.phase != "displaced" or not self.keeps("spatial")):
-            raise ValueError("PatchPlan: emulate needs the displaced phase of a mode with stale state (a "
-                             "synchronous exchange cannot be skipped)")
 
     def bands(self) -> int:
-        return self.emulate or lax.axis_size(self.axis)
-
-    def exchange(self, fn, *args):
-        """Run a collective, or (emulating) nothing: the caller then keeps the state as it is."""
-        return None if self.emulate else fn(*args)
+        return lax.axis_size(self.axis)
 
     @property
     def spatial(self) -> str:
@@ -107,9 +97,7 @@ class PatchPlan:
     def pad_rows(self, module, x, top, bottom):
         """x [B, h, W, C] -> [B, top + h + bottom, W, C] with the neighbours' rows (zeros at the image border)."""
         if getattr(module, "exact_halo", False) or not self.keeps("spatial"):  # this step's rows, no state
-            rows = self.exchange(C.halo_rows, x, top, bottom, self.axis)
-            if rows is None:  # emulating one band: no neighbours
-                rows = tuple(jnp.zeros(x.shape[:1] + (n,) + x.shape[2:], x.dtype) for n in (top, bottom))
+            rows = C.halo_rows(x, top, bottom, self.axis)
             return jnp.concatenate([rows[0], x, rows[1]], axis=1)
         state = module.variable(STALE, "halo", jnp.zeros, x.shape[:1] + (top + bottom,) + x.shape[2:], x.dtype)
         if self.spatial == "sync":
@@ -117,9 +105,8 @@ class PatchPlan:
             state.value = jnp.concatenate(rows, axis=1)
         else:
             rows = state.value[:, :top], state.value[:, top:]
-            fresh = self.exchange(C.halo_rows, x, top, bottom, self.axis) if self.spatial == "displaced" else None
-            if fresh:
-                state.value = jnp.concatenate(fresh, axis=1)
+            if self.spatial == "displaced":
+                state.value = jnp.concatenate(C.halo_rows(x, top, bottom, self.axis), axis=1)
         return jnp.concatenate([rows[0], x, rows[1]], axis=1)
 
     # ---- self-attention ----
@@ -158,8 +145,8 @@ class PatchPlan:
             store(encode(full))  # per-token encoding: the same as gathering the encoded bands
             return full
         stale = compress.decode(values.value, None if scale is None else scale.value, local.dtype)
-        full = C.replace_own_tokens(stale, local, self.axis, 0 if self.emulate else None)
-        if self.spatial == "displaced" and not self.emulate:
+        full = C.replace_own_tokens(stale, local, self.axis)
+        if self.spatial == "displaced":
             store(jax.tree.map(lambda a: C.gather_tokens(a, self.axis), encode(local)))
         return full
 
@@ -178,8 +165,6 @@ class PatchPlan:
             out = C.combine_stats(state.value)
         else:
             combine = C.corrected_stats if self.norm == "corrected" else C.stale_stats
-            out = combine(state.value, fresh, self.axis, 0 if self.emulate else None)
-            gathered = self.exchange(C.gather_stats, fresh, self.axis)
-            if gathered is not None:
-                state.value = gathered
+            out = combine(state.value, fresh, self.axis)
+            state.value = C.gather_stats(fresh, self.axis)
         return out[..., 0], out[..., 1]

@@ -11,8 +11,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .. import keymap
-from ..models.unet import UNetConfig, to_diffusers_dict
 from ..models import UNet2DConditionModel
+from ..models.unet import UNetConfig, to_diffusers_dict
 from .files import DIFFUSERS_WEIGHTS, check_folder, read_params, resolve_dtype
 
 

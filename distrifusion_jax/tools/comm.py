@@ -1,4 +1,8 @@
-"""Per-device communication, stale-state memory and FLOPs of one displaced step, by abstract evaluation only."""
+"""Per-device communication and stale-state memory of one displaced step, ours and distrifuser's.
+
+From the shapes of a traced step (tools/abstract.py): abstract evaluation only, no weights, no data.
+`python -m distrifusion_jax.tools.comm_report` prints it.
+"""
 
 from __future__ import annotations
 
@@ -7,141 +11,29 @@ import math
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from jax.extend.core import jaxprs_in_params
-from jax.sharding import PartitionSpec as P
 
-from ..config import DistriConfig
-from ..models.unet import UNetConfig
 from ..errors import ConfigError
-from .mesh import CFG, PATCH
-from .plan import PatchPlan
+from ..models.unet import UNetConfig
+from ..parallel import CFG, PATCH, PatchPlan
+from .abstract import (
+    Case,
+    abstract_inputs,
+    abstract_model,
+    flops,
+    make_denoiser,
+    nbytes,
+    single_device_flops,
+    trace_displaced_step,
+)
 
 KINDS = ("halo", "kv", "gn", "cfg")  # "cfg": our CFG exchange; the reference's per-step output all-gather
 # stale leaf name -> layer type ("hidden": stale_kv="hidden"; "*_scale": stale_kv_dtype float8 / int8)
 STATE_KINDS = {"halo": "halo", "stats": "gn", **{name + suffix: "kv" for name in ("k", "v", "hidden")
                                                 for suffix in ("", "_scale")}}
-TEXT_TOKENS = 77  # CLIP prompt length
-SDXL_TIME_IDS = 6  # original size, crop top-left, target size
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One configuration to report: model, image size in pixels, device count, CFG split, dtype, mode,
-    and the stale K/V options (DistriConfig.stale_kv, stale_kv_dtype)."""
-
-    config: UNetConfig
-    height: int
-    width: int
-    devices: int
-    cfg_split: bool = True
-    dtype: str = "bfloat16"
-    mode: str = "corrected_async_gn"
-    batch: int = 1
-    stale_kv: str = "kv"
-    stale_kv_dtype: Optional[str] = None
-
-    def distri_config(self, devices: Optional[int] = None) -> DistriConfig:
-        """The DistriConfig of this case (guidance on), for `devices` devices (default: the case's)."""
-        return DistriConfig(self.height, self.width, devices=devices or self.devices, split_batch=self.cfg_split,
-                            mode=self.mode, stale_kv=self.stale_kv, stale_kv_dtype=self.stale_kv_dtype)
-
-
-# ---- abstract model and inputs ----
-def abstract_model(config: UNetConfig, dtype: str):
-    """(unet, params as ShapeDtypeStructs in `dtype`): no weights are created."""
-    from ..models import UNet2DConditionModel
-
-    dt = jnp.dtype(dtype)
-    unet = UNet2DConditionModel(config, dtype=dt, param_dtype=dt)
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), unet.abstract_params())
-    return unet, params
-
-
-def abstract_inputs(case: Case):
-    """(latents [B, h, w, C] f32, encoder_hidden_states [2B, 77, D], added_cond_kwargs) as ShapeDtypeStructs."""
-    cfg, dt, s = case.config, jnp.dtype(case.dtype), jax.ShapeDtypeStruct
-    b, gb = case.batch, 2 * case.batch  # guidance: [uncond; cond]
-    latents = s((b, case.height // 8, case.width // 8, cfg.in_channels), jnp.float32)
-    ehs = s((gb, TEXT_TOKENS, cfg.cross_attention_dim[0]), dt)
-    added = None
-    if cfg.addition_embed_type == "text_time":
-        total, per_id = cfg.projection_class_embeddings_input_dim, cfg.addition_time_embed_dim
-        n = SDXL_TIME_IDS if total > SDXL_TIME_IDS * per_id else 1  # tiny configs: one time id
-        text = total - n * per_id
-        added = {"text_embeds": s((gb, text), dt), "time_ids": s((gb, n), dt)}
-    return latents, ehs, added
-
-
-def make_denoiser(unet, case: Case, devices: Optional[int] = None):
-    """A Denoiser for the case (DDIM, 50 steps: the report does not depend on the scheduler)."""
-    from ..denoise import Denoiser
-    from ..schedulers import make_scheduler
-
-    return Denoiser(unet, case.distri_config(devices), make_scheduler("ddim", {}), 50)
-
-
-# ---- tracing the displaced step ----
-def trace_displaced_step(denoiser, params, inputs):
-    """Trace one displaced step under shard_map: (jax Traced, local shapes {"state", "band", "out"}).
-
-    "band" is this device's latent rows [B, h, W, C]; "out" the UNet's prediction on it before the
-    guidance combination [B_unet, h, W, C_out] (B_unet: B with the CFG split, 2B without).
-
-    The stale state starts as the zeros Flax creates for a missing collection (what `initial_stale`
-    gives), so one trace yields both the state's shapes and the program; its FLOPs equal those of the
-    step with the state as an input (tests/test_comm_report.py checks it on a tiny model).
-    """
-    latents, ehs, added = inputs
-    d, seen = denoiser, {}
-    # as in the loop: with one band per device group nothing is exchanged and no state is kept
-    unet = d.model(d.plan("displaced") if d.patches > 1 else None)
-    t = d.timesteps[0]
-
-    def local(p, x, e, a):  # runs at trace time with this device's shapes
-        eps, state = d.eps(unet, p, None, x, t, e, a)
-        state = {} if state is None else state
-        b_unet = x.shape[0] * (1 if d.cfg_size == 2 or not d.cfg else 2)
-        out = (b_unet,) + x.shape[1:3] + (unet.config.out_channels,)
-        seen.update(state=_shapes(state), band=_shapes(x), out=jax.ShapeDtypeStruct(out, unet.dtype))
-        return eps, state
-
-    batch = P(CFG) if d.cfg_size == 2 else P()
-    step = jax.shard_map(local, mesh=d.mesh, in_specs=(P(), P(None, PATCH), batch, batch),
-                         out_specs=(P(None, PATCH), P((CFG, PATCH))))
-    return jax.jit(step).trace(params, latents, ehs, added), seen
-
-
-def single_device_flops(unet, params, case: Case) -> float:
-    """XLA's FLOPs of one single-device noise prediction of the whole image, guidance batch [uncond; cond]."""
-    d = make_denoiser(unet, case, devices=1)
-    plain, t = d.model(None), d.timesteps[0]
-    fn = lambda p, x, e, a: d.eps(plain, p, None, x, t, e, a)[0]
-    return flops(jax.jit(fn).lower(params, *abstract_inputs(case)))
-
-
-def flops(lowered) -> float:
-    """FLOPs from XLA's cost analysis of a lowered (not compiled) program.
-
-    For a `jax.shard_map` inside `jit` this is per device: the lowered module holds the shard_map
-    body with local shapes (partitioning happens later, at compile). Verified in
-    tests/test_comm_report.py: a shard_map'd [M, K] @ [K, N] with rows over 4 devices reports
-    2 (M/4) K N, the compiled program agrees, and a shard_map'd tiny UNet on its band reports the
-    same FLOPs as the unsharded UNet run on an image of the band's size.
-    """
-    return float(lowered.cost_analysis()["flops"])
 
 
 # ---- bytes from the stale state ----
-def _shapes(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
-def nbytes(a) -> int:
-    """Bytes of one array (or ShapeDtypeStruct)."""
-    return math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-
-
 def state_by_kind(state) -> dict:
     """Stale-state leaves grouped by layer type: {"halo" | "kv" | "gn": [ShapeDtypeStruct, ...]}."""
     out = {"halo": [], "kv": [], "gn": []}
@@ -338,65 +230,3 @@ def report(config: UNetConfig, sizes, devices, cfg_splits=(True,), dtype="bfloat
                 if progress:
                     progress(rows[-1])
     return rows
-
-
-# ---- text output ----
-COLUMNS = ("halo", "K/V", "GN", "CFG/out", "total", "stale mem")
-NOTES = """\
-  Per device and per displaced step, bytes received by the busiest device (a middle band; the first and
-  last bands exchange halos with one neighbour only).
-  ours (JAX): halo = 2 non-cyclic ppermutes per 3x3 conv (incl. conv_in's one latent row, synchronous;
-    one for a stride-2 conv, which reads no row below its band),
-    K/V and GN (float32) all_gathers over the patch axis, CFG/out = eps all_gather over the cfg axis;
-    stale mem = bytes of the stale-state pytree; FLOPs/dev = XLA cost analysis of this device's displaced
-    step / one single-device UNet step on the whole image, same guidance batch (ideal 1/N in brackets).
-  distrifuser (reference, from its design): halo rows all-gathered from all P bands (no conv_in), K/V
-    all-gathered, GN [E x, E x^2] all-gathered in the activation dtype, CFG/out = the UNet output patch
-    all-gathered over all N devices every step (synchronous); stale mem = its P-fold buffer list.
-  MB/GB = 10^6/10^9 bytes."""
-
-
-def fmt_bytes(n: float) -> str:
-    """Bytes as B, kB, MB or GB (powers of 10)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}" if n < 100 * scale else f"{n / scale:.0f} {unit}"
-    return f"{int(n)} B"
-
-
-def _cells(volumes: dict, stale: int) -> list:
-    return [fmt_bytes(volumes[k]) for k in ("halo", "kv", "gn", "cfg", "total")] + [fmt_bytes(stale)]
-
-
-def format_rows(rows: list) -> list:
-    """Table lines for rows of one (size, cfg split) group: an "ours" and a "distrifuser" line per N."""
-    head = f"{'N':>3} {'mesh':>5}  {'':<11}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'FLOPs/dev (1/N)':>17}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['devices']:>3} {'':>5}  n/a: {r['error']}")
-            continue
-        mesh = f"{r['cfg_size']}x{r['patches']}"
-        ratio = f"{r['flops_ratio']:.3f} ({1 / r['devices']:.3f})" if "flops_ratio" in r else "-"
-        for who, key, rat in (("ours (JAX)", "ours", ratio), ("distrifuser", "reference", "-")):
-            cells = _cells(r[key]["received"], r[key]["stale_bytes"])
-            lines.append(f"{r['devices'] if key == 'ours' else '':>3} {mesh if key == 'ours' else '':>5}  "
-                         f"{who:<11}" + "".join(f"{c:>10}" for c in cells) + f"{rat:>17}")
-        if not r["collectives_match"]:
-            lines.append("    WARNING: these byte counts differ from the collectives found in the traced program")
-    return lines
-
-
-def format_table(rows: list, model: str = "UNet") -> str:
-    """Readable tables, one per (resolution, CFG split), then the notes."""
-    out, groups = [], {}
-    for r in rows:
-        groups.setdefault((r["height"], r["width"], r["cfg_split"]), []).append(r)
-    for (h, w, split), group in groups.items():
-        r = group[0]
-        options = "" if (r.get("stale_kv", "kv"), r.get("stale_kv_dtype")) == ("kv", None) else (
-            f", stale {r['stale_kv']} in {r['stale_kv_dtype'] or r['dtype']}")
-        out.append(f"{model}, {w}x{h} (latent {w // 8}x{h // 8}), batch {r['batch']}, {r['dtype']}, "
-                   f"{'CFG split' if split else 'no CFG split'}, mode {r['mode']}{options}")
-        out += format_rows(group) + [""]
-    return "\n".join(out + [NOTES])

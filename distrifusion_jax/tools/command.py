@@ -1,0 +1,44 @@
+"""What the tools' command lines share: a parser with one-line errors (the CLI's), fake CPU devices, int flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from ..flags import OneLineErrorParser
+
+RawDescription = argparse.RawDescriptionHelpFormatter  # --help shows a module docstring's usage lines as written
+
+
+def parser(module_doc: str, prog: str) -> OneLineErrorParser:
+    """A tool's parser: `python -m distrifusion_jax.tools.<prog>`, its module docstring as the description."""
+    return OneLineErrorParser(prog=f"python -m distrifusion_jax.tools.{prog}", description=module_doc,
+                      formatter_class=RawDescription)
+
+
+def describe(p: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """Replace the help of an option added elsewhere (flags.py's) where this command's default differs."""
+    for action in p._actions:
+        if flag in action.option_strings:
+            action.help = text
+
+
+def cpu_devices(n: int) -> None:
+    """Ask for n fake CPU devices: read by the CPU backend only, and only before JAX's first computation
+    (later, e.g. in a process that already used JAX, the devices JAX has are used)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
