@@ -12,7 +12,7 @@ from .config import DistriConfig
 from .errors import ConfigError, NonFiniteError
 from .prompts import as_list, short_repr
 
-SEED_LIMIT = 2 ** 63  # seeds are the two 32-bit halves of a threefry key (as JAX builds it with 64-bit ints)
+SEED_LIMIT = 2**63  # seeds are the two 32-bit halves of a threefry key (as JAX builds it with 64-bit ints)
 
 
 def check_output_type(output_type) -> None:
@@ -24,11 +24,16 @@ def check_output_type(output_type) -> None:
 def check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2) -> int:
     """The batch size (number of prompts); the other prompt arguments, when given, must fit it."""
     if prompt is None:
-        raise ConfigError("prompt=None is not supported: pass a str or a non-empty list of str (precomputed "
-                          "prompt embeddings are not accepted)")
+        raise ConfigError(
+            "prompt=None is not supported: pass a str or a non-empty list of str (precomputed "
+            "prompt embeddings are not accepted)"
+        )
     batch = len(as_list(prompt))
-    for name, value in (("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
-                        ("negative_prompt_2", negative_prompt_2)):
+    for name, value in (
+        ("prompt_2", prompt_2),
+        ("negative_prompt", negative_prompt),
+        ("negative_prompt_2", negative_prompt_2),
+    ):
         if value is not None:
             as_list(value, batch, name)
     return batch
@@ -55,9 +60,13 @@ def float_arg(name: str, value, low: Optional[float] = None, high: Optional[floa
     v = float(arr)
     in_range = math.isfinite(v) and (low is None or v >= low) and (high is None or v <= high)
     if not in_range:
-        what = f"a number in [{low:g}, {high:g}]" if low is not None and high is not None else "a finite number"
-        hint = {"guidance_scale": " (e.g. 5.0; 1.0 or less turns guidance off)",
-                "guidance_rescale": " (0 turns rescaling off; diffusers suggests 0.7)"}.get(name, "")
+        what = (
+            f"a number in [{low:g}, {high:g}]" if low is not None and high is not None else "a finite number"
+        )
+        hint = {
+            "guidance_scale": " (e.g. 5.0; 1.0 or less turns guidance off)",
+            "guidance_rescale": " (0 turns rescaling off; diffusers suggests 0.7)",
+        }.get(name, "")
         raise ConfigError(f"{name}={short_repr(value)} is not supported: pass {what}{hint}")
     return v
 
@@ -65,9 +74,11 @@ def float_arg(name: str, value, low: Optional[float] = None, high: Optional[floa
 def micro_conditioning(dc: DistriConfig, original_size, crops_coords_top_left, target_size) -> list:
     """SDXL's six time_ids: original size, crop's top-left corner, target size (sizes default to the image's)."""
     image = (dc.height, dc.width)
-    return (pair_arg("original_size", original_size, image, "(height, width)")
-            + pair_arg("crops_coords_top_left", crops_coords_top_left, None, "(top, left)")
-            + pair_arg("target_size", target_size, image, "(height, width)"))
+    return (
+        pair_arg("original_size", original_size, image, "(height, width)")
+        + pair_arg("crops_coords_top_left", crops_coords_top_left, None, "(top, left)")
+        + pair_arg("target_size", target_size, image, "(height, width)")
+    )
 
 
 def pair_arg(name: str, value, default, what: str) -> list:
@@ -79,8 +90,10 @@ def pair_arg(name: str, value, default, what: str) -> list:
     except (TypeError, ConfigError):
         pair = []
     if len(pair) != 2:
-        raise ConfigError(f"{name}={short_repr(value)} is not supported: pass a pair of finite numbers {what}, e.g. "
-                          f"{tuple(default) if default else (0, 0)}")
+        raise ConfigError(
+            f"{name}={short_repr(value)} is not supported: pass a pair of finite numbers {what}, e.g. "
+            f"{tuple(default) if default else (0, 0)}"
+        )
     return pair
 
 
@@ -91,18 +104,26 @@ def check_latents(latents, shape: tuple, dc: DistriConfig) -> Optional[np.ndarra
     try:
         arr = np.asarray(latents, np.float32)
     except (TypeError, ValueError):
-        raise ConfigError(f"latents of type {type(latents).__name__} are not supported: pass a float array of "
-                          f"shape {shape}") from None
+        raise ConfigError(
+            f"latents of type {type(latents).__name__} are not supported: pass a float array of shape {shape}"
+        ) from None
     if arr.shape != shape:
         nhwc = (shape[0], shape[2], shape[3], shape[1])
-        hint = (" (these look NHWC: pass diffusers' layout (B, 4, H/8, W/8), e.g. latents.transpose(0, 3, 1, 2))"
-                if arr.shape == nhwc else "")
-        raise ConfigError(f"latents have shape {arr.shape}; expected {shape} for {shape[0]} image(s) of "
-                          f"{dc.height}x{dc.width}{hint}")
+        hint = (
+            " (these look NHWC: pass diffusers' layout (B, 4, H/8, W/8), e.g. latents.transpose(0, 3, 1, 2))"
+            if arr.shape == nhwc
+            else ""
+        )
+        raise ConfigError(
+            f"latents have shape {arr.shape}; expected {shape} for {shape[0]} image(s) of "
+            f"{dc.height}x{dc.width}{hint}"
+        )
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
-        raise NonFiniteError(f"latents hold {bad} NaN/inf value(s) of {arr.size}: pass finite noise (unit "
-                             "Gaussian, as diffusers' latents) or latents=None to draw it from seed")
+        raise NonFiniteError(
+            f"latents hold {bad} NaN/inf value(s) of {arr.size}: pass finite noise (unit "
+            "Gaussian, as diffusers' latents) or latents=None to draw it from seed"
+        )
     return arr
 
 
@@ -112,7 +133,7 @@ def prng_key(seed: int):
     Without jax_enable_x64, JAX maps every seed past 32 bits onto a 32-bit one (2**32 gives seed 0's
     image); threefry's key is the seed's two 32-bit halves, which is what JAX builds with x64 on.
     """
-    if seed < 2 ** 32:
+    if seed < 2**32:
         return jax.random.key(seed)
     halves = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
     return jax.random.wrap_key_data(halves, impl="threefry2x32")

@@ -23,22 +23,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     add_generate(sub)
     add_benchmark(sub)
-    p = sub.add_parser("convert", help="convert a diffusers SDXL pipeline or UNet folder (safetensors) to our "
-                                       "Flax format")
-    p.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "
-                               "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or UNet folder "
-                               "(config.json + diffusion_pytorch_model[.fp16].safetensors)")
-    p.add_argument("dst", help="output folder, new or empty, outside SRC: the same pipeline layout, each model as "
-                               "config.json + flax_params.safetensors (a UNet folder: just those two files); "
-                               "written whole or not at all")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
-                   help="parameter dtype to store (default: float32, lossless; bfloat16 is the usual choice "
-                        "for SDXL and halves the size); a pipeline's VAE stays float32 if it has force_upcast")
-    p.add_argument("--variant", default=None, choices=["fp16", "bf16"],
-                   help="read this weight variant of SRC (default: full precision, else fp16, else bf16)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace DST if it exists and is not empty (the old folder is deleted only once the new "
-                        "one is complete)")
+    p = sub.add_parser(
+        "convert", help="convert a diffusers SDXL pipeline or UNet folder (safetensors) to our Flax format"
+    )
+    p.add_argument(
+        "src",
+        help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "
+        "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or UNet folder "
+        "(config.json + diffusion_pytorch_model[.fp16].safetensors)",
+    )
+    p.add_argument(
+        "dst",
+        help="output folder, new or empty, outside SRC: the same pipeline layout, each model as "
+        "config.json + flax_params.safetensors (a UNet folder: just those two files); "
+        "written whole or not at all",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_NAMES,
+        help="parameter dtype to store (default: float32, lossless; bfloat16 is the usual choice "
+        "for SDXL and halves the size); a pipeline's VAE stays float32 if it has force_upcast",
+    )
+    p.add_argument(
+        "--variant",
+        default=None,
+        choices=["fp16", "bf16"],
+        help="read this weight variant of SRC (default: full precision, else fp16, else bf16)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST if it exists and is not empty (the old folder is deleted only once the new "
+        "one is complete)",
+    )
     p.set_defaults(func=_convert)
     return parser
 

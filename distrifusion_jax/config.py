@@ -46,8 +46,10 @@ def _as_int(value) -> Optional[int]:
     return int(value)
 
 
-_DEVICES_FORMS = ("pass None (all of jax.devices()), a positive int (the first N of jax.devices()) or a "
-                  "non-empty list of jax devices")
+_DEVICES_FORMS = (
+    "pass None (all of jax.devices()), a positive int (the first N of jax.devices()) or a "
+    "non-empty list of jax devices"
+)
 
 
 def _check_devices(devices):
@@ -112,19 +114,26 @@ class DistriConfig:
 
     def __post_init__(self):
         if not isinstance(self.stale_kv_dtype, (str, type(None))):
-            raise ConfigError(f"stale_kv_dtype={self.stale_kv_dtype!r} must be given by name: one of "
-                              f"{fmt_allowed(STALE_KV_DTYPES)}")
-        for name, value, allowed in (("mode", self.mode, MODES), ("parallelism", self.parallelism, PARALLELISMS),
-                                     ("split_scheme", self.split_scheme, SPLIT_SCHEMES),
-                                     ("stale_kv", self.stale_kv, STALE_KV),
-                                     ("stale_kv_dtype", self.stale_kv_dtype, STALE_KV_DTYPES)):
+            raise ConfigError(
+                f"stale_kv_dtype={self.stale_kv_dtype!r} must be given by name: one of "
+                f"{fmt_allowed(STALE_KV_DTYPES)}"
+            )
+        for name, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("parallelism", self.parallelism, PARALLELISMS),
+            ("split_scheme", self.split_scheme, SPLIT_SCHEMES),
+            ("stale_kv", self.stale_kv, STALE_KV),
+            ("stale_kv_dtype", self.stale_kv_dtype, STALE_KV_DTYPES),
+        ):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}: use one of {fmt_allowed(allowed)}")
         for name in ("height", "width"):
             v = _as_int(getattr(self, name))
             if v is None or v <= 0 or v % 8:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive multiple of 8 (the VAE's "
-                                  f"downsampling){', given as an int' if v is None else ''}")
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} must be a positive multiple of 8 (the VAE's "
+                    f"downsampling){', given as an int' if v is None else ''}"
+                )
             object.__setattr__(self, name, v)
         warmup = _as_int(self.warmup_steps)
         if warmup is None or warmup < 0:
@@ -149,9 +158,11 @@ class DistriConfig:
             return tuple(available)
         if isinstance(self.devices, int):
             if self.devices > len(available):
-                raise ConfigError(f"devices={self.devices} but JAX sees {len(available)} "
-                                  f"({available[0].platform}); on a CPU host set "
-                                  f"jax.config.update('jax_num_cpu_devices', {self.devices}) before using JAX")
+                raise ConfigError(
+                    f"devices={self.devices} but JAX sees {len(available)} "
+                    f"({available[0].platform}); on a CPU host set "
+                    f"jax.config.update('jax_num_cpu_devices', {self.devices}) before using JAX"
+                )
             return tuple(available[: self.devices])
         return tuple(self.devices)
 
@@ -161,8 +172,10 @@ class DistriConfig:
             return 1, 1
         if self.do_classifier_free_guidance and self.split_batch:
             if n_devices % 2:
-                raise ConfigError(f"the CFG split needs an even number of devices, got {n_devices}: use an even "
-                                  "count or split_batch=False")
+                raise ConfigError(
+                    f"the CFG split needs an even number of devices, got {n_devices}: use an even "
+                    "count or split_batch=False"
+                )
             return 2, n_devices // 2
         return 1, n_devices
 
@@ -171,7 +184,7 @@ class DistriConfig:
         _, patches = self.layout(n_devices)
         if patches == 1 or self.parallelism == "tensor":  # tensor parallelism does not split the image
             return
-        f = 2 ** unet_config.num_downsamplers
+        f = 2**unet_config.num_downsamplers
         checks = [("height", self.latent_height)]
         if self.parallelism == "naive_patch" and self.split_scheme != "row":
             checks.append(("width", self.latent_width))
@@ -183,4 +196,5 @@ class DistriConfig:
                 raise ConfigError(
                     f"{name}={8 * size} does not split into {patches} patches: the latent {name} {size} must be "
                     f"divisible by {patches} x 2^{unet_config.num_downsamplers}; use a multiple of {unit} "
-                    f"(e.g. {examples}) or fewer devices")
+                    f"(e.g. {examples}) or fewer devices"
+                )

@@ -46,12 +46,15 @@ def tensor_progress(desc: str, enabled: bool = True, leave: bool = True):
 def summary(flat: dict, src, dst, dtype_names: str, start: float, what: str = "") -> str:
     """The closing line of a conversion: tensors, parameters, dtype(s), where from and to, time taken."""
     n = sum(v.size for v in flat.values())
-    return (f"converted {what}{len(flat)} tensors ({n:,} parameters, {dtype_names}) from {src} to {dst} "
-            f"in {time.perf_counter() - start:.1f} s")
+    return (
+        f"converted {what}{len(flat)} tensors ({n:,} parameters, {dtype_names}) from {src} to {dst} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
 
 
-def write_converted(dst, flat: dict, config_dict: dict, src, dtype, start: Optional[float] = None,
-                    progress: bool = True) -> Path:
+def write_converted(
+    dst, flat: dict, config_dict: dict, src, dtype, start: Optional[float] = None, progress: bool = True
+) -> Path:
     """Write one converted model folder: `flat` ({Flax path: numpy array}, already in `dtype`) as
     `dst/flax_params.safetensors` and `config_dict` plus a `_distrifusion_jax` note (format version,
     dtype, source) as `dst/config.json`.
@@ -66,7 +69,9 @@ def write_converted(dst, flat: dict, config_dict: dict, src, dtype, start: Optio
     meta[NOTE_KEY] = {"format_version": FORMAT_VERSION, "dtype": dt.name, "source": str(src)}
     (dst / "config.json").write_text(json.dumps(meta, indent=2))
     if progress:
-        print(summary(flat, src, dst, dt.name, time.perf_counter() if start is None else start), file=sys.stderr)
+        print(
+            summary(flat, src, dst, dt.name, time.perf_counter() if start is None else start), file=sys.stderr
+        )
     return dst
 
 
@@ -92,8 +97,12 @@ def _read_text_encoder(src, dt, variant, bar):
     return flat, dict(config.to_dict(), architectures=[cls.__name__])
 
 
-READERS = {"unet": _read_unet, "vae": _read_vae, "text_encoder": _read_text_encoder,
-           "text_encoder_2": _read_text_encoder}
+READERS = {
+    "unet": _read_unet,
+    "vae": _read_vae,
+    "text_encoder": _read_text_encoder,
+    "text_encoder_2": _read_text_encoder,
+}
 
 
 def _convert_model(what: str, reader, src, dst, dtype, variant, progress: bool, overwrite: bool) -> Path:
@@ -110,8 +119,9 @@ def _convert_model(what: str, reader, src, dst, dtype, variant, progress: bool, 
     return dst
 
 
-def convert_unet(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
-                 overwrite: bool = False) -> Path:
+def convert_unet(
+    src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Convert a diffusers UNet folder `src` into `dst` (config.json + flax_params.safetensors).
 
     `load_unet(dst)` then gives exactly the parameters `load_unet(src)` gives (cast to `dtype`). `dst`
@@ -120,14 +130,16 @@ def convert_unet(src, dst, dtype="float32", variant: Optional[str] = None, progr
     return _convert_model("UNet", _read_unet, src, dst, dtype, variant, progress, overwrite)
 
 
-def convert_vae(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
-                overwrite: bool = False) -> Path:
+def convert_vae(
+    src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Convert a diffusers VAE folder as `convert_unet` does: `load_vae(dst)` gives `load_vae(src)`'s parameters."""
     return _convert_model("VAE", _read_vae, src, dst, dtype, variant, progress, overwrite)
 
 
-def convert_text_encoder(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
-                         overwrite: bool = False) -> Path:
+def convert_text_encoder(
+    src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Convert a transformers CLIP text encoder folder as `convert_unet` does (`load_text_encoder(dst)`)."""
     return _convert_model("text encoder", _read_text_encoder, src, dst, dtype, variant, progress, overwrite)
 
@@ -145,13 +157,17 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{dst}: the output folder must differ from the folder it converts")
     if s in d.parents or d in s.parents:
         inner, outer = (dst, src) if s in d.parents else (src, dst)
-        raise CheckpointError(f"{inner} is inside {outer}: the output and source folders must not overlap; "
-                              "pick an output folder elsewhere")
+        raise CheckpointError(
+            f"{inner} is inside {outer}: the output and source folders must not overlap; "
+            "pick an output folder elsewhere"
+        )
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} exists and is not a folder; pass a folder path for the output")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
-                              "or choose a new folder")
+        raise CheckpointError(
+            f"{dst} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
+            "or choose a new folder"
+        )
 
 
 @contextlib.contextmanager
@@ -203,8 +219,10 @@ def _check_pipeline(src: Path) -> dict:
         raise CheckpointError(f"pipeline folder {src} does not exist")
     index_path = src / "model_index.json"
     if not index_path.is_file():
-        raise CheckpointError(f"{src}: no model_index.json; not a diffusers pipeline folder (pass an SDXL pipeline "
-                              f"folder with {', '.join(PIPELINE_COMPONENTS)}, or a single UNet folder)")
+        raise CheckpointError(
+            f"{src}: no model_index.json; not a diffusers pipeline folder (pass an SDXL pipeline "
+            f"folder with {', '.join(PIPELINE_COMPONENTS)}, or a single UNet folder)"
+        )
     try:
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError as e:
@@ -213,10 +231,14 @@ def _check_pipeline(src: Path) -> dict:
         raise CheckpointError(f"{index_path}: expected a JSON object")
     missing = [c for c in PIPELINE_COMPONENTS if not (src / c).is_dir() or not _listed(index.get(c))]
     if missing:
-        raise CheckpointError(f"{src}: SDXL pipeline component(s) missing: {', '.join(missing)} (a folder and a "
-                              f"model_index.json entry each); download the complete pipeline")
+        raise CheckpointError(
+            f"{src}: SDXL pipeline component(s) missing: {', '.join(missing)} (a folder and a "
+            f"model_index.json entry each); download the complete pipeline"
+        )
     if not (src / "scheduler" / "scheduler_config.json").is_file():
-        raise CheckpointError(f"{src / 'scheduler'}: no scheduler_config.json; download the complete pipeline")
+        raise CheckpointError(
+            f"{src / 'scheduler'}: no scheduler_config.json; download the complete pipeline"
+        )
     return index
 
 
@@ -240,8 +262,9 @@ def _copy_files(src: Path, dst: Path) -> None:
             shutil.copyfile(f, dst / f.name)
 
 
-def convert_pipeline(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
-                     overwrite: bool = False) -> Path:
+def convert_pipeline(
+    src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Convert a diffusers SDXL pipeline folder `src` into `dst`, keeping its layout.
 
     unet, text_encoder and text_encoder_2 are written in `dtype` (bfloat16 is the usual choice for
@@ -261,7 +284,12 @@ def convert_pipeline(src, dst, dtype="float32", variant: Optional[str] = None, p
     dtypes["vae"] = vae_dtype(read_json(check_folder(src / "vae", "VAE") / "config.json"), dt)
     with staged(dst) as tmp:
         totals = _write_pipeline(src, tmp, dtypes, variant, progress)
-        note = {"format_version": FORMAT_VERSION, "dtype": dt.name, "vae_dtype": dtypes["vae"], "source": str(src)}
+        note = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dt.name,
+            "vae_dtype": dtypes["vae"],
+            "source": str(src),
+        }
         (tmp / "model_index.json").write_text(json.dumps(dict(index, **{NOTE_KEY: note}), indent=2))
     if progress:
         names = dt.name if dtypes["vae"] == dt.name else f"{dt.name}, vae {dtypes['vae']}"
@@ -272,22 +300,29 @@ def convert_pipeline(src, dst, dtype="float32", variant: Optional[str] = None, p
 def _write_pipeline(src: Path, out: Path, dtypes: dict, variant, progress: bool) -> dict:
     """Every component of `src` converted or copied into `out`; returns all tensors written, for the summary."""
     totals = {}
-    with tqdm(PIPELINE_COMPONENTS, desc="converting pipeline", unit="component", file=sys.stderr,
-              disable=not progress) as bar:
+    with tqdm(
+        PIPELINE_COMPONENTS,
+        desc="converting pipeline",
+        unit="component",
+        file=sys.stderr,
+        disable=not progress,
+    ) as bar:
         for name in bar:
             bar.set_postfix_str(name)
             if name in PIPELINE_FILES:
                 _copy_files(src / name, out / name)
                 continue
-            flat, config_dict = READERS[name](src / name, dtypes[name], variant,
-                                              tensor_progress(f"  {name}", progress, leave=False))
+            flat, config_dict = READERS[name](
+                src / name, dtypes[name], variant, tensor_progress(f"  {name}", progress, leave=False)
+            )
             write_converted(out / name, flat, config_dict, src / name, dtypes[name], progress=False)
             totals.update({f"{name}/{k}": v for k, v in flat.items()})
     return totals
 
 
-def convert(src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True,
-            overwrite: bool = False) -> Path:
+def convert(
+    src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """`convert_pipeline` for a pipeline folder (with model_index.json), else `convert_unet`."""
     if is_pipeline_folder(src):
         return convert_pipeline(src, dst, dtype, variant, progress, overwrite)

@@ -38,14 +38,18 @@ def check_tiles(tile_rows, tile_overlap=None, name: str = "tile_rows") -> tuple:
     if tile_rows is None:
         return None, None
     if not _is_int(tile_rows) or tile_rows < MIN_TILE_ROWS:
-        raise ConfigError(f"{show(name, tile_rows)}: tiles need at least {MIN_TILE_ROWS} latent rows "
-                          f"({8 * MIN_TILE_ROWS} pixels), below that the tiled decode visibly differs from the "
-                          f"whole one; use {MIN_TILE_ROWS} or more (e.g. 64), or leave it unset to decode whole")
+        raise ConfigError(
+            f"{show(name, tile_rows)}: tiles need at least {MIN_TILE_ROWS} latent rows "
+            f"({8 * MIN_TILE_ROWS} pixels), below that the tiled decode visibly differs from the "
+            f"whole one; use {MIN_TILE_ROWS} or more (e.g. 64), or leave it unset to decode whole"
+        )
     tile_overlap = int(tile_rows) // 4 if tile_overlap is None else tile_overlap
     if not _is_int(tile_overlap) or not MIN_TILE_OVERLAP <= tile_overlap < tile_rows:
-        raise ConfigError(f"tiled decode: tile_overlap={tile_overlap!r} with {show(name, tile_rows)}: use an int "
-                          f"with {MIN_TILE_OVERLAP} <= tile_overlap < tile_rows (default tile_rows // 4), so "
-                          "neighbouring tiles blend without visible seams")
+        raise ConfigError(
+            f"tiled decode: tile_overlap={tile_overlap!r} with {show(name, tile_rows)}: use an int "
+            f"with {MIN_TILE_OVERLAP} <= tile_overlap < tile_rows (default tile_rows // 4), so "
+            "neighbouring tiles blend without visible seams"
+        )
     return int(tile_rows), int(tile_overlap)
 
 
@@ -58,11 +62,16 @@ def check_tiles_apply(tile_rows, n_devices: int, latent_height: int, name: str =
     """ConfigError where tiles are asked for but the decode is row-sharded (they would silently not apply)."""
     if tile_rows is None or not row_sharded(n_devices, latent_height):
         return
-    fix = ("drop --decode-tile-rows (or pass --devices 1)" if name.startswith("--") else
-           f"drop {name}, or pass parallel_decode=False to decode on one device in tiles")
-    raise ConfigError(f"{show(name, tile_rows)} would be ignored: the VAE decode is row-sharded over {n_devices} "
-                      f"devices (exact, about 1/{n_devices} of the activation memory on each) and tiles apply only "
-                      f"to a one-device decode; {fix}")
+    fix = (
+        "drop --decode-tile-rows (or pass --devices 1)"
+        if name.startswith("--")
+        else f"drop {name}, or pass parallel_decode=False to decode on one device in tiles"
+    )
+    raise ConfigError(
+        f"{show(name, tile_rows)} would be ignored: the VAE decode is row-sharded over {n_devices} "
+        f"devices (exact, about 1/{n_devices} of the activation memory on each) and tiles apply only "
+        f"to a one-device decode; {fix}"
+    )
 
 
 def tile_starts(height: int, tile: int, overlap: int) -> list[int]:
@@ -88,12 +97,14 @@ def blend_weights(starts: list[int], tile: int, height: int, scale: int) -> np.n
             w[i, :shared] = np.minimum(w[i, :shared], (np.arange(shared) + 0.5) / shared)
         if i < n - 1:
             shared = scale * (starts[i] + tile - starts[i + 1])
-            w[i, rows - shared:] = np.minimum(w[i, rows - shared:], (shared - np.arange(shared) - 0.5) / shared)
+            w[i, rows - shared :] = np.minimum(
+                w[i, rows - shared :], (shared - np.arange(shared) - 0.5) / shared
+            )
     total = np.zeros(scale * height)
     for i, s in enumerate(starts):
-        total[scale * s: scale * s + rows] += w[i]
+        total[scale * s : scale * s + rows] += w[i]
     for i, s in enumerate(starts):
-        w[i] /= total[scale * s: scale * s + rows]
+        w[i] /= total[scale * s : scale * s + rows]
     return w.astype(np.float32)
 
 
@@ -114,7 +125,9 @@ def tiled(decode, z, tile: int, overlap: int, scale: int):
     weights = jnp.asarray(blend_weights(starts, tile, h, scale))
     out = jnp.zeros(images.shape[1:2] + (scale * h,) + images.shape[3:], jnp.float32)
     for i, s in enumerate(starts):  # static offsets
-        out = out.at[:, scale * s: scale * (s + tile)].add(images[i].astype(jnp.float32) * weights[i][:, None, None])
+        out = out.at[:, scale * s : scale * (s + tile)].add(
+            images[i].astype(jnp.float32) * weights[i][:, None, None]
+        )
     return out.astype(images.dtype)
 
 
@@ -140,7 +153,9 @@ class Decoder:
         whole = lambda p, z: vae.apply({"params": p}, z, method=vae.decode)
         scale = vae.config.downsample_factor
         if tile_rows:
-            self._single = jax.jit(lambda p, z: tiled(lambda t: whole(p, t), z, tile_rows, tile_overlap, scale))
+            self._single = jax.jit(
+                lambda p, z: tiled(lambda t: whole(p, t), z, tile_rows, tile_overlap, scale)
+            )
         else:
             self._single = jax.jit(whole)
         self._banded = None
@@ -148,8 +163,9 @@ class Decoder:
             banded = vae.clone(parallel=PatchPlan("sync", "full_sync"))
             body = lambda p, z: banded.apply({"params": p}, z, method=banded.decode, mutable=[STALE])[0]
             mesh = make_mesh(self.devices, 1)
-            self._banded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, PATCH)),
-                                                 out_specs=P(None, PATCH)))
+            self._banded = jax.jit(
+                jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, PATCH)), out_specs=P(None, PATCH))
+            )
 
     def parallel_for(self, z) -> bool:
         """Whether a latent of this shape is decoded row-sharded."""

@@ -42,8 +42,16 @@ class Denoiser:
     second call with the same shapes reuses the compiled program.
     """
 
-    def __init__(self, unet, distri_config: DistriConfig, scheduler, num_inference_steps: int = 50,
-                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, progress=None):
+    def __init__(
+        self,
+        unet,
+        distri_config: DistriConfig,
+        scheduler,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        progress=None,
+    ):
         self.unet, self.config, self.scheduler = unet, distri_config, scheduler
         self.guidance_scale = float(guidance_scale)  # default; each call may pass another (traced)
         self.guidance_rescale = float(guidance_rescale)  # static: 0 compiles no rescaling
@@ -54,11 +62,16 @@ class Denoiser:
         self.cfg_size, self.patches = distri_config.layout(len(self.devices))
         distri_config.check_model(unet.config, len(self.devices))
         # parallelism="tensor": GSPMD on its own (CFG, TENSOR) mesh; self.mesh stays None (no shard_map)
-        self.tensor = TensorPlan(unet.config, self.devices, self.cfg_size) if (
-            distri_config.parallelism == "tensor" and len(self.devices) > 1) else None
+        self.tensor = (
+            TensorPlan(unet.config, self.devices, self.cfg_size)
+            if (distri_config.parallelism == "tensor" and len(self.devices) > 1)
+            else None
+        )
         # steps 0 .. warmup_steps are synchronous (the reference's `counter <= warmup_steps`)
         self.num_sync = min(self.num_steps, distri_config.warmup_steps + 1)
-        self.mesh = make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 and self.tensor is None else None
+        self.mesh = (
+            make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 and self.tensor is None else None
+        )
         # mesh axes per-device state varies over: the guidance branch only when the CFG split gives each
         # half its own; without it the state must stay invariant over the (size-1) cfg axis like the latents
         self.varying = (CFG, PATCH) if self.cfg_size == 2 else (PATCH,)
@@ -82,8 +95,10 @@ class Denoiser:
         The placement is part of the key: a compiled program only accepts inputs laid out as it was
         compiled for (a row-sharded latent from an earlier call differs from a host array).
         """
-        key = jax.tree_util.tree_structure(args), tuple(
-            (a.shape, jnp.result_type(a), getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
+        key = (
+            jax.tree_util.tree_structure(args),
+            tuple((a.shape, jnp.result_type(a), getattr(a, "sharding", None)) for a in jax.tree.leaves(args)),
+        )
         self.last_compile_s = 0.0
         if key not in self._executables:
             t0 = time.perf_counter()
@@ -210,20 +225,32 @@ class Denoiser:
             unet = self.model(None) if self.tensor is None else self.tensor.wrap(self.model(None))
             fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
             return self._loop(params, latents, ehs, added, scale, [(fn, 0, self.num_steps, None)])
-        local = shard_map_fn(self._local, self.mesh, in_specs=self.in_specs(), out_specs=(P(None, PATCH),) * 2)
+        local = shard_map_fn(
+            self._local, self.mesh, in_specs=self.in_specs(), out_specs=(P(None, PATCH),) * 2
+        )
         return local(params, latents, ehs, added, scale)
 
     def _local(self, params, latents, ehs, added, scale):
         """The whole loop on one device's band (inside shard_map)."""
         c = self.config
-        if c.parallelism == "naive_patch" or self.patches == 1:  # one band per device group: nothing to exchange
-            return self._loop(params, latents, ehs, added, scale, [(self._naive_step, 0, self.num_steps, None)])
+        if (
+            c.parallelism == "naive_patch" or self.patches == 1
+        ):  # one band per device group: nothing to exchange
+            return self._loop(
+                params, latents, ehs, added, scale, [(self._naive_step, 0, self.num_steps, None)]
+            )
         sync, displaced = self.model(self.plan("sync")), self.model(self.plan("displaced"))
         sync_fn = lambda p, s, x, t, e, a, i, g: self.eps(sync, p, s, x, t, e, a, g)
         disp_fn = lambda p, s, x, t, e, a, i, g: self.eps(displaced, p, s, x, t, e, a, g)
         stale_init = functools.partial(self.initial_stale, sync)
-        return self._loop(params, latents, ehs, added, scale, [(sync_fn, 0, self.num_sync, stale_init),
-                                                               (disp_fn, self.num_sync, self.num_steps, stale_init)])
+        return self._loop(
+            params,
+            latents,
+            ehs,
+            added,
+            scale,
+            [(sync_fn, 0, self.num_sync, stale_init), (disp_fn, self.num_sync, self.num_steps, stale_init)],
+        )
 
     def initial_stale(self, sync_unet, params, lat, ehs, added):
         """Zeros shaped like the stale state, from abstract evaluation of a synchronous step."""
@@ -235,8 +262,9 @@ class Denoiser:
         """Independent patches: the plain UNet on this device's rows or columns, no exchange."""
         unet = self.model(None)
         rows = lambda: self.eps(unet, params, None, x, t, ehs, added, scale)[0]
-        cols = lambda: C.cols_to_rows(self.eps(unet, params, None, C.rows_to_cols(x, PATCH), t, ehs, added,
-                                               scale)[0], PATCH)
+        cols = lambda: C.cols_to_rows(
+            self.eps(unet, params, None, C.rows_to_cols(x, PATCH), t, ehs, added, scale)[0], PATCH
+        )
         scheme = self.config.split_scheme
         if scheme == "row":
             return rows(), stale
@@ -248,31 +276,47 @@ class Denoiser:
         c = self.config
         channels = self.unet.config.in_channels
         if getattr(latents, "ndim", 0) != 4:
-            raise DistriFusionError(f"latents have shape {getattr(latents, 'shape', None)}; expected NHWC "
-                                    f"[batch, {c.latent_height}, {c.latent_width}, {channels}]")
+            raise DistriFusionError(
+                f"latents have shape {getattr(latents, 'shape', None)}; expected NHWC "
+                f"[batch, {c.latent_height}, {c.latent_width}, {channels}]"
+            )
         b, h, w, ch = latents.shape
         if ch != channels and latents.shape[1] == channels:
-            raise DistriFusionError(f"latents have shape {latents.shape}, channels first (NCHW); this loop takes "
-                                    f"NHWC [batch, {c.latent_height}, {c.latent_width}, {channels}]: pass "
-                                    "latents.transpose(0, 2, 3, 1)")
+            raise DistriFusionError(
+                f"latents have shape {latents.shape}, channels first (NCHW); this loop takes "
+                f"NHWC [batch, {c.latent_height}, {c.latent_width}, {channels}]: pass "
+                "latents.transpose(0, 2, 3, 1)"
+            )
         if (h, w) != (c.latent_height, c.latent_width):
-            raise DistriFusionError(f"latents are {h}x{w} but the DistriConfig is for {c.height}x{c.width} "
-                                    f"pixels (latents {c.latent_height}x{c.latent_width}): make them agree")
+            raise DistriFusionError(
+                f"latents are {h}x{w} but the DistriConfig is for {c.height}x{c.width} "
+                f"pixels (latents {c.latent_height}x{c.latent_width}): make them agree"
+            )
         if ch != channels:
-            raise DistriFusionError(f"latents have {ch} channels but the UNet takes {channels} (NHWC "
-                                    f"[batch, {c.latent_height}, {c.latent_width}, {channels}])")
+            raise DistriFusionError(
+                f"latents have {ch} channels but the UNet takes {channels} (NHWC "
+                f"[batch, {c.latent_height}, {c.latent_width}, {channels}])"
+            )
         want = 2 * b if self.cfg else b
         if ehs.shape[0] != want:
-            raise DistriFusionError(f"encoder_hidden_states has batch {ehs.shape[0]}, expected {want} "
-                                    + ("([uncond; cond] for guidance)" if self.cfg else ""))
+            raise DistriFusionError(
+                f"encoder_hidden_states has batch {ehs.shape[0]}, expected {want} "
+                + ("([uncond; cond] for guidance)" if self.cfg else "")
+            )
 
 
 def shard_map_fn(fn: Callable, mesh, in_specs, out_specs) -> Callable:
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-def make_denoise_fn(unet, distri_config: DistriConfig, scheduler, num_inference_steps: int = 50,
-                    guidance_scale: float = 5.0, guidance_rescale: float = 0.0) -> Denoiser:
+def make_denoise_fn(
+    unet,
+    distri_config: DistriConfig,
+    scheduler,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 5.0,
+    guidance_rescale: float = 0.0,
+) -> Denoiser:
     """`denoise(params, latents, encoder_hidden_states, added_cond_kwargs) -> latents`, jitted.
 
     See `Denoiser.__call__` for the arguments; one compilation per input shape.

@@ -35,14 +35,21 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_BIND_ADDRESS = "JAX_COORDINATOR_BIND_ADDRESS"
 DEFAULT_TIMEOUT_S = 300  # long enough for every host of a batch job to start and load its Python
 CLUSTERS = ("slurm", "ompi")  # launchers detected from environment variables alone (no network query)
-_HINT = "--coordinator HOST:PORT, --num-processes N and --process-id I (or JAX_COORDINATOR_ADDRESS, " \
-        "JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+_HINT = (
+    "--coordinator HOST:PORT, --num-processes N and --process-id I (or JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+)
 
 
 # ---- set-up ----
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, local_device_ids: Optional[Sequence[int]] = None,
-               timeout_s: float = DEFAULT_TIMEOUT_S, bind_address: Optional[str] = None) -> int:
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    local_device_ids: Optional[Sequence[int]] = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    bind_address: Optional[str] = None,
+) -> int:
     """Join this process to a multi-process run; returns the number of processes (1: nothing was done).
 
     Call it before any other JAX use (it must precede backend initialisation). Each value comes from
@@ -109,7 +116,11 @@ def _cluster():
         return None
     for env in getattr(clusters.ClusterEnv, "_cluster_types", ()):
         try:
-            if getattr(env, "name", None) in CLUSTERS and env.is_env_present() and env.get_process_count() > 1:
+            if (
+                getattr(env, "name", None) in CLUSTERS
+                and env.is_env_present()
+                and env.get_process_count() > 1
+            ):
                 return env
         except (KeyError, ValueError):  # a half-set environment: not a launcher we can use
             continue
@@ -120,15 +131,23 @@ def _from_cluster(address, n, pid, local_device_ids, timeout_s):
     """Missing values from the launcher; with none, a ConfigError naming what to pass."""
     env = _cluster()
     if env is None:
-        missing = [name for name, v in (("coordinator address", address), ("number of processes", n),
-                                        ("process id", pid)) if v is None]
+        missing = [
+            name
+            for name, v in (("coordinator address", address), ("number of processes", n), ("process id", pid))
+            if v is None
+        ]
         raise ConfigError(f"a multi-process run needs {_HINT}; missing: {', '.join(missing)}")
     if address is None:
-        address = env.get_coordinator_address(timeout_secs=int(timeout_s),
-                                               override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT"))
+        address = env.get_coordinator_address(
+            timeout_secs=int(timeout_s), override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT")
+        )
     n = env.get_process_count() if n is None else n
     pid = env.get_process_id() if pid is None else pid
-    if local_device_ids is None and not os.environ.get("JAX_LOCAL_DEVICE_IDS") and not _one_process_per_host(env):
+    if (
+        local_device_ids is None
+        and not os.environ.get("JAX_LOCAL_DEVICE_IDS")
+        and not _one_process_per_host(env)
+    ):
         # several tasks on a host: one device each, by local rank (JAX's choice under these launchers);
         # with one task per host, it keeps all of the host's devices
         local = env.get_local_process_id()
@@ -150,18 +169,24 @@ def _split(address: str) -> tuple[str, int]:
     """host:port (host may be [IPv6]) -> (host without brackets, port); ConfigError when malformed."""
     host, sep, port = str(address).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"coordinator address {address!r} is not HOST:PORT; pass e.g. 10.0.0.1:1234 "
-                          "(process 0's host name or IP address and a free port)")
+        raise ConfigError(
+            f"coordinator address {address!r} is not HOST:PORT; pass e.g. 10.0.0.1:1234 "
+            "(process 0's host name or IP address and a free port)"
+        )
     return host.strip("[]"), int(port)
 
 
 def _validate(address: str, n: int, pid: int, timeout_s: float) -> None:
     _split(address)
     if n < 1:
-        raise ConfigError(f"num_processes={n}: need at least 1 (the number of processes started, one per host)")
+        raise ConfigError(
+            f"num_processes={n}: need at least 1 (the number of processes started, one per host)"
+        )
     if not 0 <= pid < n:
-        raise ConfigError(f"process_id={pid} with num_processes={n}: give each process a distinct id "
-                          f"0..{n - 1} (process 0 hosts the coordinator)")
+        raise ConfigError(
+            f"process_id={pid} with num_processes={n}: give each process a distinct id "
+            f"0..{n - 1} (process 0 hosts the coordinator)"
+        )
     if not timeout_s > 0:
         raise ConfigError(f"timeout {timeout_s!r} s: pass a positive number of seconds")
 
@@ -176,8 +201,10 @@ def _check_port_free(bind: str) -> None:
             s.bind((host or "::", port))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise DistriFusionError(f"cannot start the coordinator on {bind}: port {port} is in use; pick a free "
-                                    "port for --coordinator (the same on every process)") from None
+            raise DistriFusionError(
+                f"cannot start the coordinator on {bind}: port {port} is in use; pick a free "
+                "port for --coordinator (the same on every process)"
+            ) from None
         # anything else (no IPv6, an address of another interface): let JAX report it
 
 
@@ -190,33 +217,48 @@ def _wait_for_coordinator(address: str, n: int, pid: int, timeout_s: float, dead
     host, port = _split(address)
     while True:
         try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+            with socket.create_connection(
+                (host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))
+            ):
                 return
         except socket.gaierror:
-            raise DistriFusionError(f"coordinator address {address}: cannot resolve host {host!r}; use process 0's "
-                                    "host name or IP address as this host sees it") from None
+            raise DistriFusionError(
+                f"coordinator address {address}: cannot resolve host {host!r}; use process 0's "
+                "host name or IP address as this host sees it"
+            ) from None
         except OSError:
             if time.monotonic() >= deadline:
                 raise DistriFusionError(
                     f"process {pid} of {n} could not reach the coordinator at {address} within {timeout_s:g} s: "
                     f"check that process 0 is running with the same --coordinator, that the host and port are "
                     f"right and reachable from this host (firewall), and that every process got --num-processes "
-                    f"{n}") from None
+                    f"{n}"
+                ) from None
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def _start(address, n, pid, local_device_ids, timeout_s: int, bind) -> None:
     """jax.distributed.initialize with everything resolved (JAX's own cluster detection off)."""
     try:
-        jax.distributed.initialize(address, n, pid, local_device_ids=local_device_ids,
-                                   cluster_detection_method="deactivate", initialization_timeout=timeout_s,
-                                   coordinator_bind_address=bind)
+        jax.distributed.initialize(
+            address,
+            n,
+            pid,
+            local_device_ids=local_device_ids,
+            cluster_detection_method="deactivate",
+            initialization_timeout=timeout_s,
+            coordinator_bind_address=bind,
+        )
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "before" in first:  # JAX was used already in this process
-            raise ConfigError("distributed initialize must come before any other JAX use (jax.devices(), "
-                              "arrays, computations): call it first") from None
-        raise DistriFusionError(f"joining the run at {address} as process {pid} of {n} failed: {first}") from None
+            raise ConfigError(
+                "distributed initialize must come before any other JAX use (jax.devices(), "
+                "arrays, computations): call it first"
+            ) from None
+        raise DistriFusionError(
+            f"joining the run at {address} as process {pid} of {n} failed: {first}"
+        ) from None
 
 
 # ---- processes and devices ----
@@ -230,13 +272,21 @@ def devices() -> list:
         return jax.devices()
     except (RuntimeError, AssertionError) as e:
         asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
-        why = str(e).split(" (set JAX_PLATFORMS")[0].splitlines()[0] if str(e) else "its plugin is not installed"
+        why = (
+            str(e).split(" (set JAX_PLATFORMS")[0].splitlines()[0]
+            if str(e)
+            else "its plugin is not installed"
+        )
         if not asked:
-            raise ConfigError(f"JAX cannot start a backend ({why}); check the accelerator's driver, or set "
-                              "JAX_PLATFORMS=cpu to run on the CPU") from None
-        raise ConfigError(f"JAX_PLATFORMS={asked}: JAX cannot start {asked!r} ({why}); unset JAX_PLATFORMS (or set "
-                          "it to cpu) to use what this machine has, or install JAX for that platform where it "
-                          "exists (e.g. pip install -U 'jax[cuda12]' on a host with NVIDIA GPUs)") from None
+            raise ConfigError(
+                f"JAX cannot start a backend ({why}); check the accelerator's driver, or set "
+                "JAX_PLATFORMS=cpu to run on the CPU"
+            ) from None
+        raise ConfigError(
+            f"JAX_PLATFORMS={asked}: JAX cannot start {asked!r} ({why}); unset JAX_PLATFORMS (or set "
+            "it to cpu) to use what this machine has, or install JAX for that platform where it "
+            "exists (e.g. pip install -U 'jax[cuda12]' on a host with NVIDIA GPUs)"
+        ) from None
 
 
 def is_main_process() -> bool:
@@ -254,9 +304,11 @@ def check_local_share(devices) -> None:
     """Every process of a multi-process run must own some of the devices, or it would have nothing to run."""
     owners = {d.process_index for d in devices}
     if jax.process_index() not in owners:
-        raise ConfigError(f"process {jax.process_index()} of {jax.process_count()} owns none of the {len(devices)} "
-                          "devices chosen: use every process's devices (leave devices unset) or start fewer "
-                          "processes")
+        raise ConfigError(
+            f"process {jax.process_index()} of {jax.process_count()} owns none of the {len(devices)} "
+            "devices chosen: use every process's devices (leave devices unset) or start fewer "
+            "processes"
+        )
 
 
 def local_device(devices):
@@ -310,6 +362,7 @@ def to_host(x):
 
 def local_copy(tree, device):
     """Leaves on `device`: a replicated global leaf contributes this process's own replica (no traffic)."""
+
     def one(a):
         if is_global(a):
             if not a.sharding.is_fully_replicated:

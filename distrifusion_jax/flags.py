@@ -23,28 +23,67 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistriConfig)}
 FLAGS = {
     "height": ("--height", dict(type=int, help="image height in pixels (default: %(default)s)")),
     "width": ("--width", dict(type=int, help="image width in pixels (default: %(default)s)")),
-    "devices": ("--devices", dict(type=int, metavar="N", help=(
-        "number of devices (default: all); without accelerators, N CPU devices are created"))),
-    "split_batch": ("--no-split-batch", dict(action="store_false", help=(
-        "do not split the guidance batch across devices (needed for an odd device count with guidance)"))),
-    "warmup_steps": ("--warmup-steps", dict(type=int, metavar="K", help=(
-        "synchronous steps before the displaced ones (default: %(default)s)"))),
+    "devices": (
+        "--devices",
+        dict(
+            type=int,
+            metavar="N",
+            help=("number of devices (default: all); without accelerators, N CPU devices are created"),
+        ),
+    ),
+    "split_batch": (
+        "--no-split-batch",
+        dict(
+            action="store_false",
+            help=(
+                "do not split the guidance batch across devices (needed for an odd device count with guidance)"
+            ),
+        ),
+    ),
+    "warmup_steps": (
+        "--warmup-steps",
+        dict(
+            type=int, metavar="K", help=("synchronous steps before the displaced ones (default: %(default)s)")
+        ),
+    ),
     "mode": ("--mode", dict(choices=MODES, help="behaviour of displaced steps (default: %(default)s)")),
-    "parallelism": ("--parallelism", dict(choices=PARALLELISMS, help=(
-        "patch: DistriFusion; naive_patch: independent patches; tensor: the tensor-parallel baseline "
-        "(default: %(default)s)"))),
-    "split_scheme": ("--split-scheme", dict(choices=SPLIT_SCHEMES, help=(
-        "how naive patches split the image (default: %(default)s)"))),
-    "stale_kv": ("--stale-kv", dict(choices=STALE_KV, help=(
-        "what displaced steps keep and exchange per self-attention: K and V, or the input tokens (half the "
-        "memory and traffic, K/V projected again each step) (default: %(default)s)"))),
-    "stale_kv_dtype": ("--stale-kv-dtype", dict(choices=[d for d in STALE_KV_DTYPES if d], help=(
-        "store and exchange those tokens narrower (default: the compute dtype)"))),
+    "parallelism": (
+        "--parallelism",
+        dict(
+            choices=PARALLELISMS,
+            help=(
+                "patch: DistriFusion; naive_patch: independent patches; tensor: the tensor-parallel baseline "
+                "(default: %(default)s)"
+            ),
+        ),
+    ),
+    "split_scheme": (
+        "--split-scheme",
+        dict(choices=SPLIT_SCHEMES, help=("how naive patches split the image (default: %(default)s)")),
+    ),
+    "stale_kv": (
+        "--stale-kv",
+        dict(
+            choices=STALE_KV,
+            help=(
+                "what displaced steps keep and exchange per self-attention: K and V, or the input tokens (half the "
+                "memory and traffic, K/V projected again each step) (default: %(default)s)"
+            ),
+        ),
+    ),
+    "stale_kv_dtype": (
+        "--stale-kv-dtype",
+        dict(
+            choices=[d for d in STALE_KV_DTYPES if d],
+            help=("store and exchange those tokens narrower (default: the compute dtype)"),
+        ),
+    ),
 }
 
 
-def add_distri_flags(parser, *, skip: Iterable[str] = (), title: str = "parallelism (DistriConfig)",
-                     **defaults) -> None:
+def add_distri_flags(
+    parser, *, skip: Iterable[str] = (), title: str = "parallelism (DistriConfig)", **defaults
+) -> None:
     """Add DistriConfig's flags to `parser` (an argument group), except the fields in `skip`.
 
     `defaults` overrides a field's default for this command (e.g. `height=256`).
@@ -69,7 +108,9 @@ def seed_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: pass a seed 0 <= seed < 2^63") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number: pass a seed 0 <= seed < 2^63"
+        ) from None
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"{value} is out of range: pass a seed 0 <= seed < 2^63 (e.g. 0)")
     return value

@@ -16,8 +16,11 @@ from .flags import add_distri_flags, distri_config_from_args, seed_arg
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register the `generate` subcommand on an argparse subparsers object."""
-    p = sub.add_parser("generate", help="text to image with DistriFusion on the available devices",
-                       description="Generate an SDXL image, split across devices by displaced patch parallelism.")
+    p = sub.add_parser(
+        "generate",
+        help="text to image with DistriFusion on the available devices",
+        description="Generate an SDXL image, split across devices by displaced patch parallelism.",
+    )
     p.add_argument("--model", required=True, help="SDXL pipeline folder (diffusers or converted) or hub id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--prompt-2", default=None, help="prompt for the second text encoder (default: --prompt)")
@@ -25,48 +28,100 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--scheduler", default=None, choices=["ddim", "euler", "dpm-solver"],
-                   help="default: the checkpoint's scheduler_config.json")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        choices=["ddim", "euler", "dpm-solver"],
+        help="default: the checkpoint's scheduler_config.json",
+    )
     p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
-    p.add_argument("--output", default="image.png",
-                   help="image file to write (PNG, JPEG, ...: by its extension), in an existing folder")
+    p.add_argument(
+        "--output",
+        default="image.png",
+        help="image file to write (PNG, JPEG, ...: by its extension), in an existing folder",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
-    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
-                   help="persistent compilation cache (default: $DISTRIFUSION_JAX_CACHE or "
-                        "~/.cache/distrifusion-jax/xla); 'off' disables it")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no per-step progress bar: the denoising program then has no host callback and is "
-                        "also stored in the compilation cache (with the bar only the text encoders and "
-                        "the VAE are)")
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR|off",
+        help="persistent compilation cache (default: $DISTRIFUSION_JAX_CACHE or "
+        "~/.cache/distrifusion-jax/xla); 'off' disables it",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no per-step progress bar: the denoising program then has no host callback and is "
+        "also stored in the compilation cache (with the bar only the text encoders and "
+        "the VAE are)",
+    )
     add_distri_flags(p)
     mem = p.add_argument_group("memory at high resolution")
-    mem.add_argument("--attention", default=None, choices=["xla", "cudnn", "chunked", "auto"],
-                     help="UNet attention kernel (default: JAX's choice); 'chunked' computes blockwise with bounded "
-                          "memory on any backend, 'auto' only where the scores would exceed 1 GiB")
-    mem.add_argument("--vae-attention", default="auto", choices=["xla", "cudnn", "chunked", "auto"],
-                     help="the VAE mid-block's attention kernel (same choices; default 'auto': chunked where "
-                          "the scores would exceed 1 GiB, from 2048^2 up)")
-    mem.add_argument("--decode-tile-rows", type=int, default=None, metavar="ROWS",
-                     help="with one device, decode in overlapping tiles of ROWS >= 16 latent rows (memory of "
-                          "one tile, approximate like diffusers' VAE tiling; e.g. 64); several devices decode "
-                          "row-sharded instead")
+    mem.add_argument(
+        "--attention",
+        default=None,
+        choices=["xla", "cudnn", "chunked", "auto"],
+        help="UNet attention kernel (default: JAX's choice); 'chunked' computes blockwise with bounded "
+        "memory on any backend, 'auto' only where the scores would exceed 1 GiB",
+    )
+    mem.add_argument(
+        "--vae-attention",
+        default="auto",
+        choices=["xla", "cudnn", "chunked", "auto"],
+        help="the VAE mid-block's attention kernel (same choices; default 'auto': chunked where "
+        "the scores would exceed 1 GiB, from 2048^2 up)",
+    )
+    mem.add_argument(
+        "--decode-tile-rows",
+        type=int,
+        default=None,
+        metavar="ROWS",
+        help="with one device, decode in overlapping tiles of ROWS >= 16 latent rows (memory of "
+        "one tile, approximate like diffusers' VAE tiling; e.g. 64); several devices decode "
+        "row-sharded instead",
+    )
     hosts = p.add_argument_group(
-        "multiple hosts", "one process per host, each started with the same --coordinator and --num-processes and "
+        "multiple hosts",
+        "one process per host, each started with the same --coordinator and --num-processes and "
         "its own --process-id; under SLURM (srun) or Open MPI (mpirun) the launcher supplies what is left out; "
-        "--devices is then the total, N / processes on each")
-    hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="process 0's address, as every host reaches it (default: $JAX_COORDINATOR_ADDRESS)")
-    hosts.add_argument("--num-processes", type=int, default=None, metavar="N",
-                       help="number of processes (default: $JAX_NUM_PROCESSES, else the launcher's, else 1)")
-    hosts.add_argument("--process-id", type=int, default=None, metavar="I",
-                       help="this process's index 0..N-1; 0 hosts the coordinator, writes the image and prints "
-                            "(default: $JAX_PROCESS_ID, else the launcher's)")
-    hosts.add_argument("--coordinator-bind", default=None, metavar="HOST:PORT",
-                       help="where process 0 listens (default: $JAX_COORDINATOR_BIND_ADDRESS, else every "
-                            "interface on the --coordinator port)")
-    hosts.add_argument("--init-timeout", type=float, default=300.0, metavar="SECONDS",
-                       help="how long to wait for the coordinator and every process (default: 300)")
+        "--devices is then the total, N / processes on each",
+    )
+    hosts.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address, as every host reaches it (default: $JAX_COORDINATOR_ADDRESS)",
+    )
+    hosts.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of processes (default: $JAX_NUM_PROCESSES, else the launcher's, else 1)",
+    )
+    hosts.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        metavar="I",
+        help="this process's index 0..N-1; 0 hosts the coordinator, writes the image and prints "
+        "(default: $JAX_PROCESS_ID, else the launcher's)",
+    )
+    hosts.add_argument(
+        "--coordinator-bind",
+        default=None,
+        metavar="HOST:PORT",
+        help="where process 0 listens (default: $JAX_COORDINATOR_BIND_ADDRESS, else every "
+        "interface on the --coordinator port)",
+    )
+    hosts.add_argument(
+        "--init-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the coordinator and every process (default: 300)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -83,8 +138,13 @@ def run(args) -> None:
 
     check_numbers(args)
     # before any other JAX use: afterwards jax.devices() lists every process's devices
-    processes = initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout,
-                           bind_address=args.coordinator_bind)
+    processes = initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        timeout_s=args.init_timeout,
+        bind_address=args.coordinator_bind,
+    )
     devices = run_devices(args.devices, processes)
     main = is_main_process()  # only process 0 prints and writes; the others run the same program silently
     fmt = check_output(args.output, args.overwrite) if main else None
@@ -97,26 +157,37 @@ def run(args) -> None:
     import jax.numpy as jnp
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    pipe = DistriSDXLPipeline.from_pretrained(files.root, config, dtype=dtype, scheduler=args.scheduler,
-                                              compilation_cache=args.compile_cache, attention_impl=args.attention,
-                                              vae_attention_impl=args.vae_attention,
-                                              decode_tile_rows=args.decode_tile_rows)
+    pipe = DistriSDXLPipeline.from_pretrained(
+        files.root,
+        config,
+        dtype=dtype,
+        scheduler=args.scheduler,
+        compilation_cache=args.compile_cache,
+        attention_impl=args.attention,
+        vae_attention_impl=args.vae_attention,
+        decode_tile_rows=args.decode_tile_rows,
+    )
     out = generate(pipe, args, main)
     if main:
         save_image(out.images[0], args.output, fmt, args.overwrite)
         t = out.timings
-        print(f"wrote {args.output} ({args.width}x{args.height}); compile {t['compile_s']:.1f} s, denoising "
-              f"{t['denoise_s']:.2f} s ({1e3 * t['denoise_s'] / args.steps:.1f} ms/step), decode "
-              f"{t['decode_s']:.2f} s, text encoding {t['encode_s']:.2f} s", file=sys.stderr)
+        print(
+            f"wrote {args.output} ({args.width}x{args.height}); compile {t['compile_s']:.1f} s, denoising "
+            f"{t['denoise_s']:.2f} s ({1e3 * t['denoise_s'] / args.steps:.1f} ms/step), decode "
+            f"{t['decode_s']:.2f} s, text encoding {t['encode_s']:.2f} s",
+            file=sys.stderr,
+        )
 
 
 def announce(args, devices, processes: int, cfg: int, patches: int) -> None:
     """The start line: what is loaded, onto which devices, in the layout the run will use."""
     where = f" in {processes} processes" if processes > 1 else ""
     axis = "tensor" if args.parallelism == "tensor" else "patch"
-    print(f"loading {args.model} ({args.dtype}) for {len(devices)} {devices[0].platform} device(s){where}, mesh "
-          f"(cfg x {axis}) {cfg}x{patches}, {args.parallelism}/{args.mode}, warmup {args.warmup_steps}",
-          file=sys.stderr)
+    print(
+        f"loading {args.model} ({args.dtype}) for {len(devices)} {devices[0].platform} device(s){where}, mesh "
+        f"(cfg x {axis}) {cfg}x{patches}, {args.parallelism}/{args.mode}, warmup {args.warmup_steps}",
+        file=sys.stderr,
+    )
 
 
 def generate(pipe, args, main: bool):
@@ -135,10 +206,16 @@ def generate(pipe, args, main: bool):
         bars[0].update(i - bars[0].n)
 
     try:
-        return pipe(args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
-                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                    guidance_rescale=args.guidance_rescale, seed=args.seed,
-                    progress=None if args.no_progress else progress)
+        return pipe(
+            args.prompt,
+            prompt_2=args.prompt_2,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            guidance_rescale=args.guidance_rescale,
+            seed=args.seed,
+            progress=None if args.no_progress else progress,
+        )
     except DistriFusionError:
         raise
     except ValueError as e:  # any other input the pipeline refuses: its first line
@@ -153,8 +230,11 @@ def check_numbers(args) -> None:
     """Counts and scales the parser cannot bound."""
     if args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: need at least one step (e.g. 30)")
-    for flag, value in (("--guidance-scale", args.guidance_scale), ("--guidance-rescale", args.guidance_rescale),
-                        ("--init-timeout", args.init_timeout)):
+    for flag, value in (
+        ("--guidance-scale", args.guidance_scale),
+        ("--guidance-rescale", args.guidance_rescale),
+        ("--init-timeout", args.init_timeout),
+    ):
         if not math.isfinite(value):
             raise ConfigError(f"{flag} {value}: pass a finite number")
     if args.devices is not None and args.devices < 1:
@@ -175,18 +255,25 @@ def run_devices(requested, processes: int) -> tuple:
     started = False
     if requested is not None:
         if requested % processes:
-            raise ConfigError(f"--devices {requested} over {processes} processes: use a multiple of {processes} "
-                              "(the total; each process brings its share)")
+            raise ConfigError(
+                f"--devices {requested} over {processes} processes: use a multiple of {processes} "
+                "(the total; each process brings its share)"
+            )
         try:  # only the CPU backend reads this (devices per process)
             jax.config.update("jax_num_cpu_devices", requested // processes)
         except RuntimeError:
             started = True
     available = devices()
     if requested is not None and requested > len(available):
-        why = (f"JAX was started in this process with {len(available)} before this command could create more"
-               if started else "this machine has no more")
-        raise ConfigError(f"--devices {requested} but JAX sees {len(available)} {available[0].platform} device(s) "
-                          f"({why}); pass --devices {len(available)} or fewer, or leave it out to use all")
+        why = (
+            f"JAX was started in this process with {len(available)} before this command could create more"
+            if started
+            else "this machine has no more"
+        )
+        raise ConfigError(
+            f"--devices {requested} but JAX sees {len(available)} {available[0].platform} device(s) "
+            f"({why}); pass --devices {len(available)} or fewer, or leave it out to use all"
+        )
     return tuple(available[: requested or len(available)])
 
 
@@ -197,13 +284,17 @@ def check_output(path, overwrite: bool) -> str:
         raise ConfigError(f"--output {path} is a folder; name an image file in it, e.g. {p / 'image.png'}")
     folder = p.parent
     if not folder.is_dir():
-        raise ConfigError(f"--output {path}: folder {folder} does not exist; create it first (mkdir -p {folder}) "
-                          "or write elsewhere")
+        raise ConfigError(
+            f"--output {path}: folder {folder} does not exist; create it first (mkdir -p {folder}) "
+            "or write elsewhere"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"--output {path}: folder {folder} is not writable; write the image elsewhere")
     fmt = image_format(p, path)
     if p.exists() and not overwrite:
-        raise ConfigError(f"--output {path} already exists; pass --overwrite to replace it, or choose another name")
+        raise ConfigError(
+            f"--output {path} already exists; pass --overwrite to replace it, or choose another name"
+        )
     return fmt
 
 
@@ -217,14 +308,17 @@ def image_format(p: Path, shown) -> str:
     fmt = Image.registered_extensions().get(p.suffix.lower())
     fix = "use .png, .jpg or .webp"
     if not p.suffix:
-        raise ConfigError(f"--output {shown} has no file extension, which names the image format; {fix} "
-                          f"(e.g. {p.name}.png)")
+        raise ConfigError(
+            f"--output {shown} has no file extension, which names the image format; {fix} (e.g. {p.name}.png)"
+        )
     if fmt is None or fmt not in Image.SAVE:
         raise ConfigError(f"--output {shown}: Pillow cannot write {p.suffix} files; {fix}")
     try:  # some formats take only some image modes (XBM: 1-bit)
         Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"--output {shown}: Pillow cannot write an RGB image as {fmt} ({e}); {fix}") from None
+        raise ConfigError(
+            f"--output {shown}: Pillow cannot write an RGB image as {fmt} ({e}); {fix}"
+        ) from None
     return fmt
 
 
@@ -265,17 +359,23 @@ def save_image(image, path, fmt: str, overwrite: bool) -> None:
     p = Path(os.fspath(path)).expanduser()
     tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.partial")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
+        )  # the umask applies, as to any new file
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
         if p.exists() and not overwrite:
-            raise ConfigError(f"--output {path} appeared while generating; pass --overwrite to replace it, or "
-                              "choose another name")
+            raise ConfigError(
+                f"--output {path} appeared while generating; pass --overwrite to replace it, or "
+                "choose another name"
+            )
         os.replace(tmp, p)
     except DistriFusionError:
         raise
     except (OSError, ValueError) as e:
-        raise DistriFusionError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}; check the free space "
-                                "and permissions of its folder") from None
+        raise DistriFusionError(
+            f"cannot write {path}: {getattr(e, 'strerror', None) or e}; check the free space "
+            "and permissions of its folder"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)  # after the rename there is nothing left to remove

@@ -26,11 +26,15 @@ def check_denoised(d: Denoiser, latents: np.ndarray, sched, unet_dtype, guidance
         t = float(np.asarray(d.timesteps)[step])
         where = f"at step {step + 1} of {d.num_steps} (timestep {t:g}, {setting})"
     if jnp.dtype(unet_dtype).itemsize < 4:  # half precision overflows past 65504 (float16) or loses range
-        advice = (f"likely cause an overflow in {dtype}; try float32 (dtype=jnp.float32 / --dtype float32), "
-                  "a smaller guidance_scale, or another scheduler")
+        advice = (
+            f"likely cause an overflow in {dtype}; try float32 (dtype=jnp.float32 / --dtype float32), "
+            "a smaller guidance_scale, or another scheduler"
+        )
     else:  # float32 does not overflow on sane weights and a moderate guidance_scale
-        advice = ("likely cause too large a guidance_scale or broken UNet weights; try a smaller guidance_scale "
-                  "or another scheduler, and check the unet/ checkpoint")
+        advice = (
+            "likely cause too large a guidance_scale or broken UNet weights; try a smaller guidance_scale "
+            "or another scheduler, and check the unet/ checkpoint"
+        )
     raise NonFiniteError(f"latents became NaN/inf {where}: {advice}")
 
 
@@ -40,8 +44,10 @@ def check_decoded(image: np.ndarray, vae_dtype) -> None:
         return
     dtype = jnp.dtype(vae_dtype).name
     if jnp.dtype(vae_dtype).itemsize < 4:  # SDXL's VAE is known to overflow in float16 (its force_upcast)
-        advice = ("likely cause an overflow in the VAE; load it in float32: "
-                  "from_pretrained(..., vae_dtype=jnp.float32)")
+        advice = (
+            "likely cause an overflow in the VAE; load it in float32: "
+            "from_pretrained(..., vae_dtype=jnp.float32)"
+        )
     else:
         advice = "likely cause broken VAE weights (float32 does not overflow on sane ones); check the vae/ checkpoint"
     raise NonFiniteError(f"the VAE decode ({dtype}) turned finite latents into NaN/inf pixels: {advice}")
@@ -58,8 +64,16 @@ def tree_bytes(tree) -> int:
     return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def out_of_memory_message(stage: str, dc: DistriConfig, n_images: int, do_cfg: bool, devices, error: str,
-                          weights: tuple, options: list) -> str:
+def out_of_memory_message(
+    stage: str,
+    dc: DistriConfig,
+    n_images: int,
+    do_cfg: bool,
+    devices,
+    error: str,
+    weights: tuple,
+    options: list,
+) -> str:
     """One line: what ran out (size, batch, devices), the figures known cheaply, what uses less.
 
     `weights`: (name, params) of the model that was running; their size is exact, the rest of a
@@ -74,6 +88,8 @@ def out_of_memory_message(stage: str, dc: DistriConfig, n_images: int, do_cfg: b
     limit = (devices[0].memory_stats() or {}).get("bytes_limit") if devices else None
     if limit:
         facts.append(f"{gb(limit)} of memory per device")
-    return (f"out of device memory in {stage} at {dc.height}x{dc.width}, {batch}, on {len(devices)} "
-            f"{devices[0].platform} device(s) ({', '.join(facts)}; measured SDXL peaks: docs/benchmarks.md 'Memory at high "
-            f"resolution'): use less with {', '.join(options)}")
+    return (
+        f"out of device memory in {stage} at {dc.height}x{dc.width}, {batch}, on {len(devices)} "
+        f"{devices[0].platform} device(s) ({', '.join(facts)}; measured SDXL peaks: docs/benchmarks.md 'Memory at high "
+        f"resolution'): use less with {', '.join(options)}"
+    )

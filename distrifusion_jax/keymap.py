@@ -15,16 +15,26 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 # nn.ModuleList / nn.Sequential attributes of diffusers / transformers models: `name.N` <-> `name_N`.
-LIST_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
-                   "upsamplers", "to_out", "net", "layers")
+LIST_CONTAINERS = (
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "transformer_blocks",
+    "downsamplers",
+    "upsamplers",
+    "to_out",
+    "net",
+    "layers",
+)
 # Non-parameter buffers some checkpoints carry (transformers < 4.31 saved CLIP's position_ids): not loaded.
 IGNORED_LEAVES = ("position_ids",)
 
 
 class LeafRule(NamedTuple):
-    torch_leaf: str       # last component of the checkpoint key
-    rank: int             # rank of the checkpoint tensor
-    flax_leaf: str        # last component of the Flax path
+    torch_leaf: str  # last component of the checkpoint key
+    rank: int  # rank of the checkpoint tensor
+    flax_leaf: str  # last component of the Flax path
     perm: Optional[tuple]  # axes permutation torch -> Flax (None: unchanged)
     parent_suffix: Optional[str] = None  # the rule applies only where the parent's name ends with this
 
@@ -33,8 +43,8 @@ LEAF_RULES = (
     # nn.Embedding tables are [num, dim] in both layouts: listed before the linear rule, which would transpose
     LeafRule("weight", 2, "embedding", None, "_embedding"),
     LeafRule("weight", 4, "kernel", (2, 3, 1, 0)),  # conv: OIHW -> HWIO
-    LeafRule("weight", 2, "kernel", (1, 0)),        # linear: [out, in] -> [in, out]
-    LeafRule("weight", 1, "scale", None),           # GroupNorm / LayerNorm
+    LeafRule("weight", 2, "kernel", (1, 0)),  # linear: [out, in] -> [in, out]
+    LeafRule("weight", 1, "scale", None),  # GroupNorm / LayerNorm
     LeafRule("bias", 1, "bias", None),
 )
 

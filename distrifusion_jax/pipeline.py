@@ -49,9 +49,22 @@ class PipelineOutput:
 class DistriSDXLPipeline:
     """Stable Diffusion XL with displaced patch parallelism over the devices of a DistriConfig."""
 
-    def __init__(self, unet, unet_params, vae, vae_params, text_encoders, text_params, tokenizers,
-                 scheduler_config: dict, distri_config: DistriConfig, force_zeros_for_empty_prompt: bool = True,
-                 scheduler: Optional[str] = None, parallel_decode: bool = True, decode_tile_rows=None):
+    def __init__(
+        self,
+        unet,
+        unet_params,
+        vae,
+        vae_params,
+        text_encoders,
+        text_params,
+        tokenizers,
+        scheduler_config: dict,
+        distri_config: DistriConfig,
+        force_zeros_for_empty_prompt: bool = True,
+        scheduler: Optional[str] = None,
+        parallel_decode: bool = True,
+        decode_tile_rows=None,
+    ):
         self.unet, self.unet_params = unet, unet_params
         self.vae, self.vae_params = vae, vae_params
         self.prompt_encoder = PromptEncoder(tokenizers, text_encoders, text_params)
@@ -63,18 +76,29 @@ class DistriSDXLPipeline:
         self._denoisers: dict = {}
         devices = distri_config.resolve_devices()
         self.decoder = Decoder(vae, devices if parallel_decode else devices[:1], tile_rows=decode_tile_rows)
-        if spans_processes(devices):  # several processes: weights placed once, replicated on all their devices
+        if spans_processes(
+            devices
+        ):  # several processes: weights placed once, replicated on all their devices
             check_local_share(devices)
             mesh = make_mesh(devices, 1)
             self.unet_params, self.vae_params = replicate(unet_params, mesh), replicate(vae_params, mesh)
 
     # ---- loading ----
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, distri_config: Optional[DistriConfig] = None, dtype=jnp.bfloat16,
-                        variant: Optional[str] = None, scheduler: Optional[str] = None, vae_dtype=None,
-                        attention_impl: Optional[str] = None, vae_attention_impl: Optional[str] = "auto",
-                        compilation_cache=None,
-                        parallel_decode: bool = True, decode_tile_rows=None) -> "DistriSDXLPipeline":
+    def from_pretrained(
+        cls,
+        path_or_hub_id,
+        distri_config: Optional[DistriConfig] = None,
+        dtype=jnp.bfloat16,
+        variant: Optional[str] = None,
+        scheduler: Optional[str] = None,
+        vae_dtype=None,
+        attention_impl: Optional[str] = None,
+        vae_attention_impl: Optional[str] = "auto",
+        compilation_cache=None,
+        parallel_decode: bool = True,
+        decode_tile_rows=None,
+    ) -> "DistriSDXLPipeline":
         """Load a diffusers SDXL pipeline folder (or its fp16/bf16 variant, or our converted folder).
 
         `attention_impl` (UNet) and `vae_attention_impl` (VAE): None (jax.nn.dot_product_attention's
@@ -97,29 +121,57 @@ class DistriSDXLPipeline:
         CFG split only applies to calls with guidance_scale > 1), tiles, kernels, scheduler, cache folder.
         """
         # everything that needs no weight is checked first, so a mistake costs no load
-        files, distri_config = check_pretrained(path_or_hub_id, distri_config, scheduler, attention_impl,
-                                                vae_attention_impl, compilation_cache, parallel_decode,
-                                                decode_tile_rows)
+        files, distri_config = check_pretrained(
+            path_or_hub_id,
+            distri_config,
+            scheduler,
+            attention_impl,
+            vae_attention_impl,
+            compilation_cache,
+            parallel_decode,
+            decode_tile_rows,
+        )
         enable_compilation_cache(compilation_cache)
         root = files.root
-        unet, unet_params = load_unet(root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl)
+        unet, unet_params = load_unet(
+            root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl
+        )
         vae_dtype = vae_dtype or (jnp.float32 if files.vae.get("force_upcast", True) else dtype)
-        vae, vae_params = load_vae(root / "vae", dtype=vae_dtype, variant=variant, attention_impl=vae_attention_impl)
+        vae, vae_params = load_vae(
+            root / "vae", dtype=vae_dtype, variant=variant, attention_impl=vae_attention_impl
+        )
         encoders, text_params = [], []
         for name in ("text_encoder", "text_encoder_2"):
             model, params = load_text_encoder(root / name, dtype=dtype, variant=variant)
             encoders.append(model)
             text_params.append(params)
-        return cls(unet, unet_params, vae, vae_params, encoders, text_params, files.tokenizers, files.scheduler,
-                   distri_config, files.index.get("force_zeros_for_empty_prompt", True), scheduler, parallel_decode,
-                   decode_tile_rows)
+        return cls(
+            unet,
+            unet_params,
+            vae,
+            vae_params,
+            encoders,
+            text_params,
+            files.tokenizers,
+            files.scheduler,
+            distri_config,
+            files.index.get("force_zeros_for_empty_prompt", True),
+            scheduler,
+            parallel_decode,
+            decode_tile_rows,
+        )
 
     def scheduler_for(self, name: Optional[str] = None):
         name = name or self.default_scheduler
-        return make_scheduler(name, self.scheduler_config) if name else scheduler_from_config(self.scheduler_config)
+        return (
+            make_scheduler(name, self.scheduler_config)
+            if name
+            else scheduler_from_config(self.scheduler_config)
+        )
 
-    def denoiser(self, distri_config: DistriConfig, scheduler, steps: int, guidance_rescale: float,
-                 progress=None) -> Denoiser:
+    def denoiser(
+        self, distri_config: DistriConfig, scheduler, steps: int, guidance_rescale: float, progress=None
+    ) -> Denoiser:
         """The loop for this (config, scheduler, steps, rescale), built once and reused.
 
         Building it checks the device layout and the size against the UNet but compiles nothing: the
@@ -127,19 +179,38 @@ class DistriSDXLPipeline:
         """
         key = (distri_config, scheduler, steps, float(guidance_rescale), progress is not None)
         if key not in self._denoisers:
-            self._denoisers[key] = Denoiser(self.unet, distri_config, scheduler, steps,
-                                            guidance_rescale=guidance_rescale, progress=progress)
+            self._denoisers[key] = Denoiser(
+                self.unet,
+                distri_config,
+                scheduler,
+                steps,
+                guidance_rescale=guidance_rescale,
+                progress=progress,
+            )
         d = self._denoisers[key]
         d.progress = progress
         return d
 
     # ---- generation ----
-    def __call__(self, prompt, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
-                 num_inference_steps: int = 50, guidance_scale: float = 5.0, guidance_rescale: float = 0.0,
-                 seed: int = 0, latents=None, num_images_per_prompt: int = 1,
-                 original_size: Optional[Sequence[int]] = None, crops_coords_top_left: Sequence[int] = (0, 0),
-                 target_size: Optional[Sequence[int]] = None, output_type: str = "pil",
-                 scheduler: Optional[str] = None, progress=None) -> PipelineOutput:
+    def __call__(
+        self,
+        prompt,
+        prompt_2=None,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        seed: int = 0,
+        latents=None,
+        num_images_per_prompt: int = 1,
+        original_size: Optional[Sequence[int]] = None,
+        crops_coords_top_left: Sequence[int] = (0, 0),
+        target_size: Optional[Sequence[int]] = None,
+        output_type: str = "pil",
+        scheduler: Optional[str] = None,
+        progress=None,
+    ) -> PipelineOutput:
         """Generate images; the size and the device layout come from the DistriConfig.
 
         `latents`: diffusers' layout (B, 4, H/8, W/8) and semantics (unit noise, multiplied here by the
@@ -157,8 +228,9 @@ class DistriSDXLPipeline:
         guidance_scale = float_arg("guidance_scale", guidance_scale)
         guidance_rescale = float_arg("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if progress is not None and not callable(progress):
-            raise ConfigError(f"progress={short_repr(progress)} is not callable: pass a function progress(i, n) "
-                              "or None")
+            raise ConfigError(
+                f"progress={short_repr(progress)} is not callable: pass a function progress(i, n) or None"
+            )
         dc = self.distri_config
         do_cfg = guidance_scale > 1.0
         if dc.do_classifier_free_guidance != do_cfg:
@@ -172,11 +244,21 @@ class DistriSDXLPipeline:
 
         timings = {}
         t0 = time.perf_counter()
-        embeds, pooled = self.prompt_encoder(prompt, prompt_2, negative_prompt, negative_prompt_2, batch, do_cfg,
-                                             self.force_zeros_for_empty_prompt, per_prompt)
+        embeds, pooled = self.prompt_encoder(
+            prompt,
+            prompt_2,
+            negative_prompt,
+            negative_prompt_2,
+            batch,
+            do_cfg,
+            self.force_zeros_for_empty_prompt,
+            per_prompt,
+        )
         time_ids = jnp.tile(jnp.asarray([time_ids], jnp.float32), (embeds.shape[0], 1))
         if latents is None:
-            noise = jax.random.normal(prng_key(seed), (n_images, dc.latent_height, dc.latent_width, 4), jnp.float32)
+            noise = jax.random.normal(
+                prng_key(seed), (n_images, dc.latent_height, dc.latent_width, 4), jnp.float32
+            )
         else:
             noise = jnp.asarray(latents.transpose(0, 2, 3, 1))
         timings["encode_s"] = time.perf_counter() - t0
@@ -184,8 +266,13 @@ class DistriSDXLPipeline:
         t0 = time.perf_counter()
         sigma = sched.init_noise_sigma(steps)
         with self.out_of_memory_as_error("denoising", dc, n_images, do_cfg, d.devices):
-            out = d(self.unet_params, noise * sigma, embeds, {"text_embeds": pooled, "time_ids": time_ids},
-                    guidance_scale=guidance_scale)
+            out = d(
+                self.unet_params,
+                noise * sigma,
+                embeds,
+                {"text_embeds": pooled, "time_ids": time_ids},
+                guidance_scale=guidance_scale,
+            )
             out = jax.block_until_ready(out)
             host_latents = to_host(out)
         check_denoised(d, host_latents, sched, self.unet.dtype, guidance_scale)
@@ -197,8 +284,9 @@ class DistriSDXLPipeline:
 
         t0 = time.perf_counter()
         with self.out_of_memory_as_error("the VAE decode", dc, n_images, False, self.decoder.devices):
-            image = np.asarray(to_host(self.decoder(self.vae_params, out / self.vae.config.scaling_factor)),
-                               np.float32)
+            image = np.asarray(
+                to_host(self.decoder(self.vae_params, out / self.vae.config.scaling_factor)), np.float32
+            )
         check_decoded(image, self.vae.dtype)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         timings["decode_s"] = time.perf_counter() - t0
@@ -216,15 +304,20 @@ class DistriSDXLPipeline:
             if not is_out_of_memory(e):
                 raise
             weights = ("UNet", self.unet_params) if stage == "denoising" else ("VAE", self.vae_params)
-            raise OutOfMemoryError(out_of_memory_message(
-                stage, dc, n_images, do_cfg, devices, str(e), weights, self.memory_options(stage, dc))) from None
+            raise OutOfMemoryError(
+                out_of_memory_message(
+                    stage, dc, n_images, do_cfg, devices, str(e), weights, self.memory_options(stage, dc)
+                )
+            ) from None
 
     def memory_options(self, stage: str, dc: DistriConfig) -> list:
         """The options that lower `stage`'s per-device memory and are not in effect already."""
         if stage != "denoising":
-            return ["more devices (the decode is row-sharded over them)",
-                    "decode_tile_rows=64 (--decode-tile-rows 64) where it runs on one device",
-                    "vae_attention_impl='chunked' (--vae-attention chunked)"]
+            return [
+                "more devices (the decode is row-sharded over them)",
+                "decode_tile_rows=64 (--decode-tile-rows 64) where it runs on one device",
+                "vae_attention_impl='chunked' (--vae-attention chunked)",
+            ]
         opts = ["more devices", "attention_impl='chunked' (--attention chunked)"]
         if dc.stale_kv != "hidden":
             opts.append("DistriConfig(stale_kv='hidden') (--stale-kv hidden)")

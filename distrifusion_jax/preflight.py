@@ -32,8 +32,10 @@ def resolve_model_path(path_or_hub_id) -> Path:
         return path
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"model folder {name} does not exist (and it is not a hub id like "
-                              "'stabilityai/stable-diffusion-xl-base-1.0')")
+        raise CheckpointError(
+            f"model folder {name} does not exist (and it is not a hub id like "
+            "'stabilityai/stable-diffusion-xl-base-1.0')"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - transformers brings huggingface_hub
@@ -43,14 +45,18 @@ def resolve_model_path(path_or_hub_id) -> Path:
         return Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
     except Exception:  # noqa: BLE001 - not cached: try the network unless told not to
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise CheckpointError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                                  f"download it first (huggingface-cli download {name}) or pass a folder") from None
+            raise CheckpointError(
+                f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                f"download it first (huggingface-cli download {name}) or pass a folder"
+            ) from None
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{name} is not in the local Hugging Face cache and could not be downloaded "
-                              f"({type(e).__name__}); download it where the network is reachable or pass a "
-                              "local folder") from None
+        raise CheckpointError(
+            f"{name} is not in the local Hugging Face cache and could not be downloaded "
+            f"({type(e).__name__}); download it where the network is reachable or pass a "
+            "local folder"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,33 +75,52 @@ def read_json_file(root: Path, rel: str) -> dict:
     """`root/rel` as a JSON object; CheckpointError if missing or unreadable, ConfigError if not valid JSON."""
     path = root / rel
     if not path.is_file():
-        raise CheckpointError(f"{root}: no {rel}; this is not a complete SDXL pipeline folder: download or "
-                              "convert it again (distrifusion-jax convert)")
+        raise CheckpointError(
+            f"{root}: no {rel}; this is not a complete SDXL pipeline folder: download or "
+            "convert it again (distrifusion-jax convert)"
+        )
     try:
         return read_json(path)
     except ConfigError as e:
         raise ConfigError(f"{e}; repair the file, or download or convert the model again") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); check its permissions, "
-                              "or download or convert the model again") from None
+        raise CheckpointError(
+            f"cannot read {path} ({getattr(e, 'strerror', None) or e}); check its permissions, "
+            "or download or convert the model again"
+        ) from None
 
 
 def read_model(root: Path) -> ModelFiles:
     """The configuration files of the SDXL pipeline folder `root` (already resolved from a hub id)."""
     if not (root / "model_index.json").is_file():
-        raise CheckpointError(f"{root}: no model_index.json; pass an SDXL pipeline folder (with unet/, vae/, "
-                              "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)")
+        raise CheckpointError(
+            f"{root}: no model_index.json; pass an SDXL pipeline folder (with unet/, vae/, "
+            "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)"
+        )
     index = read_json_file(root, "model_index.json")
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
     if missing:
-        raise CheckpointError(f"{root}: missing component folder(s) {', '.join(missing)} of an SDXL pipeline; "
-                              "download or convert the whole pipeline again")
+        raise CheckpointError(
+            f"{root}: missing component folder(s) {', '.join(missing)} of an SDXL pipeline; "
+            "download or convert the whole pipeline again"
+        )
     unet = UNetConfig.from_dict(read_json_file(root, "unet/config.json"))
-    tokenizers = [load_tokenizer(root / name, vocab_size=read_json_file(root, f"{encoder}/config.json").get("vocab_size"),
-                                 what=name) for name, encoder in (("tokenizer", "text_encoder"),
-                                                                  ("tokenizer_2", "text_encoder_2"))]
-    return ModelFiles(root, index, unet, read_json_file(root, "vae/config.json"),
-                      read_json_file(root, "scheduler/scheduler_config.json"), tokenizers)
+    tokenizers = [
+        load_tokenizer(
+            root / name,
+            vocab_size=read_json_file(root, f"{encoder}/config.json").get("vocab_size"),
+            what=name,
+        )
+        for name, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    ]
+    return ModelFiles(
+        root,
+        index,
+        unet,
+        read_json_file(root, "vae/config.json"),
+        read_json_file(root, "scheduler/scheduler_config.json"),
+        tokenizers,
+    )
 
 
 # ---- layout, scheduler, kernels ----
@@ -133,17 +158,22 @@ def check_schedule(sched, num_inference_steps) -> int:
     without any device work.
     """
     n = sched.check_steps(num_inference_steps)
-    where = (f"num_inference_steps={n} does not fit the {sched.name} scheduler's config (timestep_spacing="
-             f"{sched.timestep_spacing!r}, steps_offset={sched.steps_offset}, num_train_timesteps="
-             f"{sched.num_train_timesteps})")
+    where = (
+        f"num_inference_steps={n} does not fit the {sched.name} scheduler's config (timestep_spacing="
+        f"{sched.timestep_spacing!r}, steps_offset={sched.steps_offset}, num_train_timesteps="
+        f"{sched.num_train_timesteps})"
+    )
     try:
         ts = np.asarray(sched.timesteps(n))
         jax.eval_shape(lambda x: sched.init(n, x), jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32))
     except IndexError:
-        raise ConfigError(f"{where}: its timesteps run past the last training timestep; use fewer steps") from None
+        raise ConfigError(
+            f"{where}: its timesteps run past the last training timestep; use fewer steps"
+        ) from None
     if len(np.unique(ts)) != len(ts):
-        raise ConfigError(f"{where}: its {len(ts)} timesteps repeat ({len(np.unique(ts))} distinct); use fewer "
-                          "steps") from None
+        raise ConfigError(
+            f"{where}: its {len(ts)} timesteps repeat ({len(np.unique(ts))} distinct); use fewer steps"
+        ) from None
     return n
 
 
@@ -169,17 +199,25 @@ def check_steps(scheduler, steps: int, name: str = "num_inference_steps") -> Non
         return
     top = min(steps - 1, scheduler.num_train_timesteps)
     best = next((n for n in range(top, max(0, top - STEP_SEARCH), -1) if _steps_fit(scheduler, n)), None)
-    what = (f"the {scheduler.name} scheduler ({scheduler.num_train_timesteps} training timesteps, timestep_spacing "
-            f"{scheduler.timestep_spacing!r}, steps_offset {scheduler.steps_offset})")
-    fix = f"takes at most {best} steps; use {best} or fewer" if best else f"does not take {steps} steps; use fewer"
+    what = (
+        f"the {scheduler.name} scheduler ({scheduler.num_train_timesteps} training timesteps, timestep_spacing "
+        f"{scheduler.timestep_spacing!r}, steps_offset {scheduler.steps_offset})"
+    )
+    fix = (
+        f"takes at most {best} steps; use {best} or fewer"
+        if best
+        else f"does not take {steps} steps; use fewer"
+    )
     raise ConfigError(f"{show(name, steps)}: {what} {fix}")
 
 
 def check_attention(impl, platform: str, name: str = "attention_impl") -> None:
     """cuDNN attention exists only on NVIDIA GPUs: refuse it elsewhere before anything is loaded."""
     if impl == "cudnn" and platform != "gpu":
-        raise ConfigError(f"{show(name, impl)} needs an NVIDIA GPU (cuDNN) but this run is on {platform}; use "
-                          "'xla', 'chunked' or 'auto' instead (or leave it unset)")
+        raise ConfigError(
+            f"{show(name, impl)} needs an NVIDIA GPU (cuDNN) but this run is on {platform}; use "
+            "'xla', 'chunked' or 'auto' instead (or leave it unset)"
+        )
 
 
 # ---- everything from_pretrained can check ----
@@ -188,14 +226,23 @@ def check_distri_config(distri_config) -> DistriConfig:
     if distri_config is None:
         return DistriConfig()
     if not isinstance(distri_config, DistriConfig):
-        raise ConfigError(f"distri_config={distri_config!r} is a {type(distri_config).__name__}, not a DistriConfig: "
-                          "pass DistriConfig(height=..., width=..., devices=...), or None for the defaults")
+        raise ConfigError(
+            f"distri_config={distri_config!r} is a {type(distri_config).__name__}, not a DistriConfig: "
+            "pass DistriConfig(height=..., width=..., devices=...), or None for the defaults"
+        )
     return distri_config
 
 
-def check_pretrained(path_or_hub_id, distri_config=None, scheduler=None, attention_impl=None,
-                     vae_attention_impl=None, compilation_cache=None, parallel_decode: bool = True,
-                     decode_tile_rows=None) -> tuple[ModelFiles, DistriConfig]:
+def check_pretrained(
+    path_or_hub_id,
+    distri_config=None,
+    scheduler=None,
+    attention_impl=None,
+    vae_attention_impl=None,
+    compilation_cache=None,
+    parallel_decode: bool = True,
+    decode_tile_rows=None,
+) -> tuple[ModelFiles, DistriConfig]:
     """What `from_pretrained` checks before reading a weight: (the folder's configuration files, the config)."""
     distri_config = check_distri_config(distri_config)
     check_tiles(decode_tile_rows, name="decode_tile_rows")

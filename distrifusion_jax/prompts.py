@@ -24,13 +24,17 @@ def as_list(prompt: Prompt, batch: Optional[int] = None, name: str = "prompt") -
         return [""] * (batch or 1)
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"{name}={short_repr(prompt)} is not supported: pass a str or a non-empty list of str")
+        raise ConfigError(
+            f"{name}={short_repr(prompt)} is not supported: pass a str or a non-empty list of str"
+        )
     prompts = list(prompts)
     if batch is not None and len(prompts) == 1 and batch > 1:
         prompts = prompts * batch
     if batch is not None and len(prompts) != batch:
-        raise ConfigError(f"{name} has {len(prompts)} entries for a batch of {batch} prompts: pass one {name} "
-                          "or one per prompt")
+        raise ConfigError(
+            f"{name} has {len(prompts)} entries for a batch of {batch} prompts: pass one {name} "
+            "or one per prompt"
+        )
     return prompts
 
 
@@ -47,7 +51,9 @@ def tokenize(tokenizer, prompts: list) -> tuple:
     (CLIP sees 77 positions); `tokenizer` is a `tokenizer.ClipTokenizer`."""
     n = tokenizer.model_max_length
     ids = tokenizer.encode(prompts)
-    cut = {p: (len(seq) - n, tokenizer.decode(seq[n - 1:-1])) for p, seq in zip(prompts, ids) if len(seq) > n}
+    cut = {
+        p: (len(seq) - n, tokenizer.decode(seq[n - 1 : -1])) for p, seq in zip(prompts, ids) if len(seq) > n
+    }
     return tokenizer.pad(ids), cut
 
 
@@ -77,8 +83,17 @@ class PromptEncoder:
         warn_cut(cut, self.tokenizers[0].model_max_length)
         return jnp.concatenate(hidden, axis=-1), pooled
 
-    def __call__(self, prompt: Prompt, prompt_2: Prompt, negative: Prompt, negative_2: Prompt, batch: int,
-                 do_cfg: bool, force_zeros_for_empty_prompt: bool, num_images_per_prompt: int = 1):
+    def __call__(
+        self,
+        prompt: Prompt,
+        prompt_2: Prompt,
+        negative: Prompt,
+        negative_2: Prompt,
+        batch: int,
+        do_cfg: bool,
+        force_zeros_for_empty_prompt: bool,
+        num_images_per_prompt: int = 1,
+    ):
         """[uncond; cond] embeddings (or cond only without guidance), each prompt repeated per image."""
         prompts = as_list(prompt, batch)
         embeds, pooled = self.encode(prompts, as_list(prompt_2, batch) if prompt_2 is not None else prompts)

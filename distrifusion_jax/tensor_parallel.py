@@ -90,8 +90,13 @@ def unit_count(unit: str, path: str, config: UNetConfig) -> int:
 def attention_levels(config: UNetConfig) -> list:
     """Levels with transformer blocks (the mid block's level always has them)."""
     n = config.num_levels
-    return [i for i in range(n) if config.down_block_types[i] == "CrossAttnDownBlock2D"
-            or config.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D" or i == n - 1]
+    return [
+        i
+        for i in range(n)
+        if config.down_block_types[i] == "CrossAttnDownBlock2D"
+        or config.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D"
+        or i == n - 1
+    ]
 
 
 def rule_for(path: str):
@@ -129,22 +134,28 @@ class TensorPlan:
             raise ConfigError(
                 f"tensor parallelism over {self.size} devices per guidance branch splits nothing in this UNet: "
                 f"its GroupNorm groups ({config.norm_num_groups}), attention heads and feed-forward widths "
-                f"are all indivisible by {self.size}; use a device count that divides them")
+                f"are all indivisible by {self.size}; use a device count that divides them"
+            )
 
     # ---- what is split ----
     def any_split(self) -> bool:
         """Whether some unit (GroupNorm groups, or heads / feed-forward width of a level with attention) divides."""
         c = self.config
         levels = attention_levels(c)
-        counts = [c.norm_num_groups] + [c.heads[i] for i in levels] + [4 * c.block_out_channels[i] for i in levels]
+        counts = (
+            [c.norm_num_groups] + [c.heads[i] for i in levels] + [4 * c.block_out_channels[i] for i in levels]
+        )
         return any(n % self.size == 0 for n in counts)
 
     def role(self, module_path: str) -> Optional[str]:
         """The role of a module whose split axis divides evenly; None: replicated."""
         if module_path not in self._roles:
             rule = rule_for(module_path)
-            split = rule is not None and self.size > 1 and \
-                unit_count(rule[1], module_path, self.config) % self.size == 0
+            split = (
+                rule is not None
+                and self.size > 1
+                and unit_count(rule[1], module_path, self.config) % self.size == 0
+            )
             self._roles[module_path] = rule[0] if split else None
         return self._roles[module_path]
 
@@ -167,8 +178,11 @@ class TensorPlan:
     def place_params(self, params):
         """The parameters in the tensor-parallel layout, split over the mesh (cached for the same leaves)."""
         leaves = jax.tree.leaves(params)
-        if self._placed is not None and len(leaves) == len(self._placed[0]) and all(
-                a is b for a, b in zip(leaves, self._placed[0])):
+        if (
+            self._placed is not None
+            and len(leaves) == len(self._placed[0])
+            and all(a is b for a, b in zip(leaves, self._placed[0]))
+        ):
             return self._placed[1]
         params = to_layout(params)
         placed = jax.device_put(params, self.param_shardings(params))
@@ -184,7 +198,7 @@ class TensorPlan:
     def constrain(self, x, split_last: bool):
         """Batch over CFG (one guidance branch per half), and the last axis over TENSOR or replicated."""
         spec = (CFG,) + (None,) * (x.ndim - 2) + ((TENSOR,) if split_last else (None,))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec[:x.ndim])))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec[: x.ndim])))
 
     def replicated(self, x):
         """x pinned replicated over the whole mesh."""
@@ -236,8 +250,12 @@ class TensorUNet:
     def apply(self, variables, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, **kwargs):
         """`unet.apply` with the same arguments (and `mutable`), run under the plan's interceptor."""
         plan = self.plan
-        variables = dict(variables, params=jax.lax.with_sharding_constraint(
-            variables["params"], plan.param_shardings(variables["params"])))
+        variables = dict(
+            variables,
+            params=jax.lax.with_sharding_constraint(
+                variables["params"], plan.param_shardings(variables["params"])
+            ),
+        )
         batch = lambda a: plan.constrain(a, False)
         # [x; x] pinned replicated first, so that the CFG split is a local slice (left to itself
         # XLA moved the latents with an all-to-all)
@@ -245,8 +263,9 @@ class TensorUNet:
         encoder_hidden_states = batch(encoder_hidden_states)
         added_cond_kwargs = jax.tree.map(batch, added_cond_kwargs)
         with nn.intercept_methods(plan.intercept):
-            result = self.unet.apply(variables, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
-                                     **kwargs)
+            result = self.unet.apply(
+                variables, sample, timesteps, encoder_hidden_states, added_cond_kwargs, **kwargs
+            )
         if kwargs.get("mutable"):
             return plan.replicated(result[0]), result[1]
         return plan.replicated(result)

@@ -14,8 +14,12 @@ from tokenizers.models import BPE
 from .errors import CheckpointError
 
 # transformers' CLIPTokenizer defaults, used where a folder's configs do not name a token
-SPECIAL_DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                    "pad_token": "<|endoftext|>"}
+SPECIAL_DEFAULTS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
 CLIP_MAX_LENGTH = 77  # CLIP's context; SDXL's tokenizer configs say the same
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 # CLIP's pre-tokenization: the two special tokens, English contractions, letter runs, single digits, other symbols
@@ -31,25 +35,46 @@ class ClipTokenizer:
     over-long prompts cut to keep their EOS, as `CLIPTokenizer(..., padding="max_length", truncation=True)`.
     """
 
-    def __init__(self, vocab: dict, merges: list, special: dict, model_max_length: int = CLIP_MAX_LENGTH,
-                 flags: Optional[dict] = None):
-        model = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix=WORD_END,
-                    fuse_unk=False, unk_token=special["unk_token"])
+    def __init__(
+        self,
+        vocab: dict,
+        merges: list,
+        special: dict,
+        model_max_length: int = CLIP_MAX_LENGTH,
+        flags: Optional[dict] = None,
+    ):
+        model = BPE(
+            vocab=vocab,
+            merges=merges,
+            continuing_subword_prefix="",
+            end_of_word_suffix=WORD_END,
+            fuse_unk=False,
+            unk_token=special["unk_token"],
+        )
         self.backend = backend = Tokenizer(model)
         backend.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
-             pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            [
+                pre_tokenizers.Split(Regex(SPLIT), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
         backend.decoder = decoders.ByteLevel()
         # special tokens match verbatim before normalisation (so "!" is id 0 in tokenizer_2, as in transformers),
         # unless the folder's added-token entries say otherwise (`flags`: {token: AddedToken options})
-        backend.add_special_tokens([AddedToken(t, special=True, **{"normalized": False, **(flags or {}).get(t, {})})
-                                    for t in dict.fromkeys(special.values())])
+        backend.add_special_tokens(
+            [
+                AddedToken(t, special=True, **{"normalized": False, **(flags or {}).get(t, {})})
+                for t in dict.fromkeys(special.values())
+            ]
+        )
         self.special = dict(special)
         self.model_max_length = model_max_length
         self.bos_token_id, self.eos_token_id, self.pad_token_id = (
-            vocab[special[k]] for k in ("bos_token", "eos_token", "pad_token"))
+            vocab[special[k]] for k in ("bos_token", "eos_token", "pad_token")
+        )
 
     def encode(self, prompts: Sequence[str]) -> list:
         """Ids of each prompt, BOS and EOS included, neither cut nor padded."""
@@ -61,8 +86,8 @@ class ClipTokenizer:
         n = self.model_max_length
         out = np.full((len(ids), n), self.pad_token_id, np.int32)
         for row, seq in zip(out, ids):
-            seq = seq if len(seq) <= n else seq[:n - 1] + [self.eos_token_id]
-            row[:len(seq)] = seq
+            seq = seq if len(seq) <= n else seq[: n - 1] + [self.eos_token_id]
+            row[: len(seq)] = seq
         return out
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
@@ -70,7 +95,11 @@ class ClipTokenizer:
 
     def decode(self, ids) -> str:
         """Text of `ids` (words separated by single spaces, as transformers' CLIPTokenizer decodes)."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False).replace(WORD_END, " ").strip()
+        return (
+            self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+            .replace(WORD_END, " ")
+            .strip()
+        )
 
 
 # ---- reading a tokenizer folder ----
@@ -89,7 +118,9 @@ def load_tokenizer(folder, vocab_size: Optional[int] = None, what: str = "tokeni
     special_map = _json_object(folder / "special_tokens_map.json", fix, required=False)
     cls = config.get("tokenizer_class", TOKENIZER_CLASSES[0])
     if cls not in TOKENIZER_CLASSES:
-        raise CheckpointError(f"{folder}: tokenizer_class {cls!r} is not CLIP's; SDXL uses CLIPTokenizer: {fix}")
+        raise CheckpointError(
+            f"{folder}: tokenizer_class {cls!r} is not CLIP's; SDXL uses CLIPTokenizer: {fix}"
+        )
     if (folder / "tokenizer.json").is_file():
         vocab, merges, added = _read_tokenizer_json(folder / "tokenizer.json", fix)
     else:
@@ -119,8 +150,10 @@ def _read_vocab_merges(folder: Path, fix: str) -> tuple:
     present = [f for f in ("vocab.json", "merges.txt") if (folder / f).is_file()]
     if len(present) < 2:
         found = f" (only {present[0]})" if present else ""
-        raise CheckpointError(f"{folder}: no vocab.json/merges.txt (nor tokenizer.json){found}: not a CLIP "
-                              f"tokenizer folder; {fix}")
+        raise CheckpointError(
+            f"{folder}: no vocab.json/merges.txt (nor tokenizer.json){found}: not a CLIP "
+            f"tokenizer folder; {fix}"
+        )
     vocab = _json_object(folder / "vocab.json", fix)
     try:
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
@@ -134,7 +167,9 @@ def _read_vocab_merges(folder: Path, fix: str) -> tuple:
             continue
         parts = line.rstrip("\r").split(" ")
         if len(parts) != 2:
-            raise CheckpointError(f"{folder / 'merges.txt'}: line {n} is not two tokens separated by a space; {fix}")
+            raise CheckpointError(
+                f"{folder / 'merges.txt'}: line {n} is not two tokens separated by a space; {fix}"
+            )
         merges.append(tuple(parts))
     return vocab, merges
 
@@ -143,11 +178,17 @@ def _read_tokenizer_json(path: Path, fix: str) -> tuple:
     """(vocab, merges, added tokens) of a BPE tokenizer.json; its pipeline is CLIP's by construction here."""
     raw = _json_object(path, fix)
     model = raw.get("model")
-    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict) \
-            or not isinstance(model.get("merges"), list):
+    if (
+        not isinstance(model, dict)
+        or model.get("type", "BPE") != "BPE"
+        or not isinstance(model.get("vocab"), dict)
+        or not isinstance(model.get("merges"), list)
+    ):
         raise CheckpointError(f"{path}: not a BPE tokenizer with a vocab and merges; {fix}")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    bad = next((i for i, m in enumerate(merges) if len(m) != 2 or not all(isinstance(t, str) for t in m)), None)
+    bad = next(
+        (i for i, m in enumerate(merges) if len(m) != 2 or not all(isinstance(t, str) for t in m)), None
+    )
     if bad is not None:
         raise CheckpointError(f"{path}: merge {bad} is not a pair of tokens; {fix}")
     added = raw.get("added_tokens") or []
@@ -176,16 +217,23 @@ def _check_vocab(folder: Path, vocab: dict, merges: list, special: dict, vocab_s
     if not vocab or len(ids) != len(vocab) or ids != list(range(len(ids))):
         raise CheckpointError(f"{folder}: the vocabulary is not {{token: id}} with ids 0..n-1; {fix}")
     if vocab_size is not None and len(vocab) != vocab_size:
-        raise CheckpointError(f"{folder}: the vocabulary has {len(vocab)} tokens but the text encoder embeds "
-                              f"{vocab_size}; use the tokenizer that belongs to this text encoder ({fix})")
+        raise CheckpointError(
+            f"{folder}: the vocabulary has {len(vocab)} tokens but the text encoder embeds "
+            f"{vocab_size}; use the tokenizer that belongs to this text encoder ({fix})"
+        )
     missing = [f"{k}={t!r}" for k, t in special.items() if t not in vocab]
     if missing:
-        raise CheckpointError(f"{folder}: special token(s) not in the vocabulary: {', '.join(missing)}; {fix}")
+        raise CheckpointError(
+            f"{folder}: special token(s) not in the vocabulary: {', '.join(missing)}; {fix}"
+        )
     # checked here: the `tokenizers` BPE builder panics (a Rust backtrace) on merges outside the vocabulary
-    bad = next((i for i, (a, b) in enumerate(merges) if a not in vocab or b not in vocab or a + b not in vocab), None)
+    bad = next(
+        (i for i, (a, b) in enumerate(merges) if a not in vocab or b not in vocab or a + b not in vocab), None
+    )
     if bad is not None:
-        raise CheckpointError(f"{folder}: merge {bad + 1} ({' '.join(merges[bad])}) uses tokens outside the "
-                              f"vocabulary; {fix}")
+        raise CheckpointError(
+            f"{folder}: merge {bad + 1} ({' '.join(merges[bad])}) uses tokens outside the vocabulary; {fix}"
+        )
 
 
 def _check_added(folder: Path, added, vocab: dict, special: dict, fix: str) -> dict:
@@ -197,8 +245,10 @@ def _check_added(folder: Path, added, vocab: dict, special: dict, fix: str) -> d
     for key, entry in added.items():
         token = _token(entry)
         if token not in special.values() or str(vocab.get(token)) != str(key):
-            raise CheckpointError(f"{folder}: added token {token!r} (id {key}) is not one of SDXL's special "
-                                  f"tokens; extra added tokens are not supported ({fix})")
+            raise CheckpointError(
+                f"{folder}: added token {token!r} (id {key}) is not one of SDXL's special "
+                f"tokens; extra added tokens are not supported ({fix})"
+            )
         if isinstance(entry, dict):
             flags[token] = {k: bool(entry[k]) for k in ADDED_TOKEN_OPTIONS if k in entry}
     return flags
@@ -207,6 +257,8 @@ def _check_added(folder: Path, added, vocab: dict, special: dict, fix: str) -> d
 def _max_length(folder: Path, config: dict, fix: str) -> int:
     n = config.get("model_max_length", CLIP_MAX_LENGTH)
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise CheckpointError(f"{folder}: model_max_length={n!r} in tokenizer_config.json; expected CLIP's "
-                              f"{CLIP_MAX_LENGTH} ({fix})")
+        raise CheckpointError(
+            f"{folder}: model_max_length={n!r} in tokenizer_config.json; expected CLIP's "
+            f"{CLIP_MAX_LENGTH} ({fix})"
+        )
     return n

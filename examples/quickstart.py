@@ -31,7 +31,9 @@ def psnr(a, b) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/quickstart", help="where checkpoints and images are written")
+    parser.add_argument(
+        "--out", default="outputs/quickstart", help="where checkpoints and images are written"
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--size", type=int, default=256, help="image height and width (a multiple of 128)")
     args = parser.parse_args()
@@ -48,10 +50,12 @@ def main():
 
     # 3. the same prompt and seed on one device and with every parallel layout
     prompt = "a watercolor painting of a lighthouse at dawn"
-    runs = [("1-device", dict(devices=1)),
-            (f"{n}dev-full_sync", dict(mode="full_sync")),
-            (f"{n}dev-distrifusion", dict(mode="corrected_async_gn", warmup_steps=4)),
-            (f"{n}dev-naive_patch", dict(parallelism="naive_patch"))]
+    runs = [
+        ("1-device", dict(devices=1)),
+        (f"{n}dev-full_sync", dict(mode="full_sync")),
+        (f"{n}dev-distrifusion", dict(mode="corrected_async_gn", warmup_steps=4)),
+        (f"{n}dev-naive_patch", dict(parallelism="naive_patch")),
+    ]
     print(f"3. '{prompt}', {args.size}x{args.size}, {args.steps} Euler steps, guidance 5, seed 0:")
     images = {}
     for name, kw in runs[: 1 if n == 1 else None]:
@@ -65,9 +69,15 @@ def main():
         images[name] = np.asarray(image, np.float32) / 255
         t = result.timings
         layout = "x".join(map(str, config.layout(len(config.resolve_devices()))))
-        quality = "reference" if name == "1-device" else f"PSNR vs 1 device {psnr(images[name], images['1-device']):5.1f} dB"
-        print(f"   {name:<22} mesh {layout:<4} {total:5.1f} s (compile {t['compile_s']:4.1f} s, denoise "
-              f"{t['denoise_s']:4.2f} s, decode {t['decode_s']:4.2f} s)  {quality}  -> {out / (name + '.png')}")
+        quality = (
+            "reference"
+            if name == "1-device"
+            else f"PSNR vs 1 device {psnr(images[name], images['1-device']):5.1f} dB"
+        )
+        print(
+            f"   {name:<22} mesh {layout:<4} {total:5.1f} s (compile {t['compile_s']:4.1f} s, denoise "
+            f"{t['denoise_s']:4.2f} s, decode {t['decode_s']:4.2f} s)  {quality}  -> {out / (name + '.png')}"
+        )
     print("   (full_sync is exact; DistriFusion stays close; naive patches, with no exchange, drift apart)")
 
 

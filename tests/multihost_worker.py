@@ -35,8 +35,10 @@ def generate(pipe, name: str) -> dict:
     DistriConfig is switched per run (so the VAE decode compiles once); the second call reuses the loop."""
     fields, steps = RUNS[name]
     pipe.distri_config = dataclasses.replace(pipe.distri_config, **fields)
-    return {kind: pipe(PROMPT, num_inference_steps=steps, seed=SEED, scheduler="ddim", output_type=out).images
-            for kind, out in (("latent", "latent"), ("image", "np"))}
+    return {
+        kind: pipe(PROMPT, num_inference_steps=steps, seed=SEED, scheduler="ddim", output_type=out).images
+        for kind, out in (("latent", "latent"), ("image", "np"))
+    }
 
 
 def main(pid: int, n: int, port: int, model: str, out_dir: str) -> None:
@@ -45,14 +47,21 @@ def main(pid: int, n: int, port: int, model: str, out_dir: str) -> None:
 
     address = f"127.0.0.1:{port}"
     processes = distributed.initialize(address, n, pid, timeout_s=TIMEOUT_S, bind_address=address)
-    pipe = DistriSDXLPipeline.from_pretrained(model, DistriConfig(height=HEIGHT, width=WIDTH), dtype=jnp.float32,
-                                              compilation_cache="off")
+    pipe = DistriSDXLPipeline.from_pretrained(
+        model, DistriConfig(height=HEIGHT, width=WIDTH), dtype=jnp.float32, compilation_cache="off"
+    )
     results = {name: generate(pipe, name) for name in RUNS}
-    info = dict(process_id=jax.process_index(), process_count=jax.process_count(), initialize=processes,
-                global_devices=len(jax.devices()), local_devices=len(jax.local_devices()),
-                main=distributed.is_main_process(), multi=distributed.spans_processes(jax.devices()),
-                params_global=distributed.is_global(jax.tree.leaves(pipe.unet_params)[0]),
-                shapes={f"{name}_{kind}": list(a.shape) for name, r in results.items() for kind, a in r.items()})
+    info = dict(
+        process_id=jax.process_index(),
+        process_count=jax.process_count(),
+        initialize=processes,
+        global_devices=len(jax.devices()),
+        local_devices=len(jax.local_devices()),
+        main=distributed.is_main_process(),
+        multi=distributed.spans_processes(jax.devices()),
+        params_global=distributed.is_global(jax.tree.leaves(pipe.unet_params)[0]),
+        shapes={f"{name}_{kind}": list(a.shape) for name, r in results.items() for kind, a in r.items()},
+    )
     if distributed.is_main_process():
         for name, r in results.items():
             for kind, array in r.items():

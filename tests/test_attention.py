@@ -12,8 +12,13 @@ from helpers import SDXL_MICRO, micro_setup, rel_l2, torch_unet
 
 # (Tq, Tk, heads, head_dim, q_chunk, kv_chunk): odd lengths that divide no block, a prime key count,
 # blocks of one token, one block for everything, more blocks than a divisor would give
-SHAPES = [(37, 101, 3, 8, 16, 24), (7, 53, 2, 16, 3, 7), (10, 10, 1, 8, 1, 1), (5, 7, 4, 4, 1024, 4096),
-          (64, 96, 2, 32, 24, 40)]
+SHAPES = [
+    (37, 101, 3, 8, 16, 24),
+    (7, 53, 2, 16, 3, 7),
+    (10, 10, 1, 8, 1, 1),
+    (5, 7, 4, 4, 1024, 4096),
+    (64, 96, 2, 32, 24, 40),
+]
 F32_TOL = 1e-6  # relative L2 vs jax.nn.dot_product_attention; reached: at most about 4e-7
 
 
@@ -53,8 +58,10 @@ def test_chunked_cuts_compiled_temporaries():
     full = temp(jax.nn.dot_product_attention)
     blocks = temp(lambda q, k, v: chunked_dot_product_attention(q, k, v, 512, 1024))
     scores = b * n * tq * tk * 4
-    print(f"temporaries of a [{b}, {tq} x {tk}, {n} heads] attention: jax.nn {full / 1e6:.1f} MB, "
-          f"chunked {blocks / 1e6:.1f} MB (scores {scores / 1e6:.1f} MB)")
+    print(
+        f"temporaries of a [{b}, {tq} x {tk}, {n} heads] attention: jax.nn {full / 1e6:.1f} MB, "
+        f"chunked {blocks / 1e6:.1f} MB (scores {scores / 1e6:.1f} MB)"
+    )
     assert full >= scores and blocks <= scores / 10
 
 
@@ -66,14 +73,16 @@ def test_unet_with_chunked_attention():
 
 
 def test_auto_chunks_only_large_attention(monkeypatch):
-    """"auto": blockwise where the float32 scores would exceed AUTO_CHUNKED_BYTES, jax.nn elsewhere."""
+    """ "auto": blockwise where the float32 scores would exceed AUTO_CHUNKED_BYTES, jax.nn elsewhere."""
     from distrifusion_jax.nn import attention
 
     unet, params, (latents, ehs, added), _ = micro_setup(64, 96)
     auto = unet.clone(attention_impl="auto")
-    scans = lambda: str(jax.make_jaxpr(lambda p: auto.apply({"params": p}, latents, 1.0, ehs[1:],
-                                                            {k: v[1:] for k, v in added.items()}))(params)).count(
-        "scan[")
+    scans = lambda: str(
+        jax.make_jaxpr(
+            lambda p: auto.apply({"params": p}, latents, 1.0, ehs[1:], {k: v[1:] for k, v in added.items()})
+        )(params)
+    ).count("scan[")
     assert scans() == 0  # tiny attentions: the default path
     monkeypatch.setattr(attention, "AUTO_CHUNKED_BYTES", 0)
     assert scans() == 16  # 4 transformer blocks x (self, cross) x (query map, key/value scan)
@@ -81,13 +90,22 @@ def test_auto_chunks_only_large_attention(monkeypatch):
 
 def test_vae_decode_with_chunked_attention():
     """The VAE's one-head mid-block attention (head_dim = channels), more than one block of tokens."""
-    cfg = VAEConfig.from_dict(dict(_class_name="AutoencoderKL", block_out_channels=[8, 16], layers_per_block=1,
-                                   norm_num_groups=4, latent_channels=4,
-                                   down_block_types=["DownEncoderBlock2D"] * 2,
-                                   up_block_types=["UpDecoderBlock2D"] * 2))
+    cfg = VAEConfig.from_dict(
+        dict(
+            _class_name="AutoencoderKL",
+            block_out_channels=[8, 16],
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+        )
+    )
     vae = AutoencoderKL(cfg)
     params = vae.init_params(seed=1)
-    z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 72, 4)), jnp.float32)  # 4608 tokens: 6 x 2 blocks
+    z = jnp.asarray(
+        np.random.default_rng(0).standard_normal((1, 64, 72, 4)), jnp.float32
+    )  # 4608 tokens: 6 x 2 blocks
     ref = vae.apply({"params": params}, z, method=vae.decode)
     chunked = vae.clone(attention_impl="chunked")
     out = chunked.apply({"params": params}, z, method=chunked.decode)
@@ -104,9 +122,12 @@ def test_load_unet_passes_attention_impl(tmp_path):
 
 def test_unknown_implementation_is_refused():
     unet, params, (latents, ehs, added), _ = micro_setup(64, 96)
-    with pytest.raises(dj.ConfigError, match="unknown attention implementation 'flash': use one of None, 'xla'"):
-        unet.clone(attention_impl="flash").apply({"params": params}, jnp.concatenate([latents, latents]),
-                                                 jnp.float32(1.0), ehs, added)
+    with pytest.raises(
+        dj.ConfigError, match="unknown attention implementation 'flash': use one of None, 'xla'"
+    ):
+        unet.clone(attention_impl="flash").apply(
+            {"params": params}, jnp.concatenate([latents, latents]), jnp.float32(1.0), ehs, added
+        )
 
 
 def test_chunked_under_shard_map_equals_full_attention():
@@ -119,8 +140,12 @@ def test_chunked_under_shard_map_equals_full_attention():
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 2, 8)), jnp.float32) for _ in range(3))
     gather = lambda a: jax.lax.all_gather(a, "patch", axis=1, tiled=True)
-    band = jax.shard_map(lambda q, k, v: chunked_dot_product_attention(q, gather(k), gather(v), 8, 16), mesh=mesh,
-                         in_specs=(P(None, "patch"),) * 3, out_specs=P(None, "patch"))
+    band = jax.shard_map(
+        lambda q, k, v: chunked_dot_product_attention(q, gather(k), gather(v), 8, 16),
+        mesh=mesh,
+        in_specs=(P(None, "patch"),) * 3,
+        out_specs=P(None, "patch"),
+    )
     err = rel_l2(jax.jit(band)(q, k, v), jax.nn.dot_product_attention(q, k, v))
     print(f"chunked attention under shard_map vs plain: relative L2 {err:.1e}")
     assert err <= 1e-6

@@ -18,15 +18,32 @@ from distrifusion_jax.tools import benchmark
 from distrifusion_jax.tools.bench_options import BenchmarkOptions
 
 MEASURED = ("single", "full_sync", "displaced", "naive_patch")  # "tensor" too where DistriConfig accepts it
-SMALL = ("--random", "tiny", "--height", 64, "--steps", 2, "--warmup-steps", 0, "--dtype", "float32",
-         "--repeats", 2)
+SMALL = (
+    "--random",
+    "tiny",
+    "--height",
+    64,
+    "--steps",
+    2,
+    "--warmup-steps",
+    0,
+    "--dtype",
+    "float32",
+    "--repeats",
+    2,
+)
 
 
 def run_cli(*args):
     # tests write nothing to the user's cache; the XLA flags of conftest.py (fast compiles) pass down
     env = dict(os.environ, DISTRIFUSION_JAX_CACHE="off")
-    return subprocess.run([sys.executable, "-m", "distrifusion_jax", "benchmark", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "distrifusion_jax", "benchmark", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +104,9 @@ def test_overhead_ratio(run):
     _, report = run
     o = report["overhead"]
     assert (o["devices"], o["mesh"]) == (4, "2x2")
-    assert o["ratio"] == pytest.approx(o["displaced"]["step_ms"]["median"] / o["naive_patch"]["step_ms"]["median"])
+    assert o["ratio"] == pytest.approx(
+        o["displaced"]["step_ms"]["median"] / o["naive_patch"]["step_ms"]["median"]
+    )
     assert all(math.isfinite(v) and v > 0 for v in numbers(o))
 
 
@@ -107,15 +126,18 @@ def test_size_that_does_not_split_is_one_line_exit_2():
     assert len(last) == 1 and last[0].startswith("error: height=72 does not split into 2 patches")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--random", "tiny", "--height", 100], "height=100 must be a positive multiple of 8"),
-    (["--random", "tiny", "--devices", 3], "the CFG split needs an even number of devices, got 3"),
-    (["--random", "tiny", "--configs", "single,pipeline"], "--configs pipeline: choose from"),
-    (["--random", "tiny", "--configs", "none"], "'none' only with --overhead"),
-    (["--random", "tiny", "--steps", 0], "--steps 0: must be at least 1"),
-    (["--random", "huge"], "invalid choice: 'huge'"),
-    (["--height", 64], "one of the arguments --model --random is required"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--random", "tiny", "--height", 100], "height=100 must be a positive multiple of 8"),
+        (["--random", "tiny", "--devices", 3], "the CFG split needs an even number of devices, got 3"),
+        (["--random", "tiny", "--configs", "single,pipeline"], "--configs pipeline: choose from"),
+        (["--random", "tiny", "--configs", "none"], "'none' only with --overhead"),
+        (["--random", "tiny", "--steps", 0], "--steps 0: must be at least 1"),
+        (["--random", "huge"], "invalid choice: 'huge'"),
+        (["--height", 64], "one of the arguments --model --random is required"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(capsys, args, message):
     jax.devices()  # JAX has started: --devices cannot change this process's fake device count
     try:
@@ -128,7 +150,10 @@ def test_bad_input_is_one_line_exit_2(capsys, args, message):
 
 def test_dry_run_lowers_without_weights(capsys, tmp_path):
     path = tmp_path / "dry.json"
-    assert cli.main(["benchmark", *map(str, SMALL), "--configs", "displaced", "--dry-run", "--json", str(path)]) == 0
+    assert (
+        cli.main(["benchmark", *map(str, SMALL), "--configs", "displaced", "--dry-run", "--json", str(path)])
+        == 0
+    )
     assert "displaced     8   2x4  lowered in" in capsys.readouterr().out
     r = json.loads(path.read_text())["configs"]["displaced"]
     assert r["lowered"] and (r["devices"], r["mesh"]) == (8, "2x4")
@@ -142,9 +167,18 @@ def parsed(*args) -> argparse.Namespace:
 
 
 def test_options_from_the_command_line_equal_those_built_in_python():
-    args = parsed(*SMALL, "--devices", 4, "--overhead", "--configs", "single,displaced", "--stale-kv", "hidden")
-    built = BenchmarkOptions(random="tiny", distri=DistriConfig(64, 64, devices=4, warmup_steps=0, stale_kv="hidden"),
-                             steps=2, dtype="float32", repeats=2, overhead=True, configs=("single", "displaced"))
+    args = parsed(
+        *SMALL, "--devices", 4, "--overhead", "--configs", "single,displaced", "--stale-kv", "hidden"
+    )
+    built = BenchmarkOptions(
+        random="tiny",
+        distri=DistriConfig(64, 64, devices=4, warmup_steps=0, stale_kv="hidden"),
+        steps=2,
+        dtype="float32",
+        repeats=2,
+        overhead=True,
+        configs=("single", "displaced"),
+    )
     assert BenchmarkOptions.from_args(args) == built
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.steps = 3
@@ -158,21 +192,27 @@ def test_options_defaults():
     assert BenchmarkOptions(random="tiny", configs="none", overhead=True).configs == ()
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(), "one of --model (a pipeline) and --random (random weights) is required"),
-    (dict(model="x", random="tiny"), "one of --model (a pipeline) and --random (random weights) is required"),
-    (dict(random="huge"), "--random huge: choose from sdxl, tiny"),
-    (dict(random="tiny", steps=0), "--steps 0: must be at least 1"),
-    (dict(random="tiny", repeats=2.5), "--repeats 2.5: must be a whole number"),
-    (dict(random="tiny", batch=True), "--batch True: must be a whole number"),
-    (dict(random="tiny", configs=("single", "pipeline")), "--configs pipeline: choose from"),
-    (dict(random="tiny", configs="none"), "'none' only with --overhead"),
-    (dict(random="tiny", dtype="float64"), "--dtype float64: choose from float32, bfloat16, float16"),
-    (dict(random="tiny", vae_dtype="int8"), "--vae-dtype int8: choose from"),
-    (dict(random="tiny", scheduler="pndm"), "--scheduler pndm: choose from ddim, euler, dpm-solver"),
-    (dict(random="tiny", seed=-1), "--seed -1: pass a whole number 0 <= seed < 2^63"),
-    (dict(random="tiny", distri=(64, 64)), "distri=(64, 64): pass a DistriConfig"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(), "one of --model (a pipeline) and --random (random weights) is required"),
+        (
+            dict(model="x", random="tiny"),
+            "one of --model (a pipeline) and --random (random weights) is required",
+        ),
+        (dict(random="huge"), "--random huge: choose from sdxl, tiny"),
+        (dict(random="tiny", steps=0), "--steps 0: must be at least 1"),
+        (dict(random="tiny", repeats=2.5), "--repeats 2.5: must be a whole number"),
+        (dict(random="tiny", batch=True), "--batch True: must be a whole number"),
+        (dict(random="tiny", configs=("single", "pipeline")), "--configs pipeline: choose from"),
+        (dict(random="tiny", configs="none"), "'none' only with --overhead"),
+        (dict(random="tiny", dtype="float64"), "--dtype float64: choose from float32, bfloat16, float16"),
+        (dict(random="tiny", vae_dtype="int8"), "--vae-dtype int8: choose from"),
+        (dict(random="tiny", scheduler="pndm"), "--scheduler pndm: choose from ddim, euler, dpm-solver"),
+        (dict(random="tiny", seed=-1), "--seed -1: pass a whole number 0 <= seed < 2^63"),
+        (dict(random="tiny", distri=(64, 64)), "distri=(64, 64): pass a DistriConfig"),
+    ],
+)
 def test_options_are_checked_on_construction(fields, message):
     with pytest.raises(DistriFusionError) as e:
         BenchmarkOptions(**fields)

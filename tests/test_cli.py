@@ -21,8 +21,21 @@ from distrifusion_jax.tools import benchmark
 from distrifusion_jax.tools.random_pipeline import write_random_pipeline
 from helpers import FAST_COMPILE_FLAGS
 
-SMALL = ("--height", 64, "--width", 64, "--steps", 2, "--devices", 1, "--dtype", "float32", "--no-progress",
-         "--compile-cache", "off")
+SMALL = (
+    "--height",
+    64,
+    "--width",
+    64,
+    "--steps",
+    2,
+    "--devices",
+    1,
+    "--dtype",
+    "float32",
+    "--no-progress",
+    "--compile-cache",
+    "off",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +50,7 @@ class Stopped(DistriFusionError):
 @pytest.fixture
 def no_loading(monkeypatch):
     """`from_pretrained` stops the run (one line, exit 2); a weight read or a benchmark measurement fails the test."""
+
     def stop(*args, **kwargs):
         raise Stopped("stopped where the weights would load")
 
@@ -84,7 +98,7 @@ GENERATE_CASES = [
     (["--scheduler", "heun"], "invalid choice: 'heun'"),
     (["--mode", "async"], "invalid choice: 'async'"),
     (["--stale-kv-dtype", "int4"], "invalid choice: 'int4'"),
-    (["--seed", 2 ** 63], "argument --seed: 9223372036854775808 is out of range: pass a seed 0 <= seed < 2^63"),
+    (["--seed", 2**63], "argument --seed: 9223372036854775808 is out of range: pass a seed 0 <= seed < 2^63"),
     (["--seed", -1], "argument --seed: -1 is out of range"),
     # numbers, devices, layout
     (["--steps", 0], "--steps 0: need at least one step"),
@@ -92,28 +106,54 @@ GENERATE_CASES = [
     (["--devices", 16], "--devices 16 but JAX sees 8 cpu device(s) (JAX was started in this process"),
     (["--height", 100], "height=100 must be a positive multiple of 8"),
     (["--height", 200, "--devices", 4], "height=200 does not split into 2 patches"),
-    (["--devices", 3], "the CFG split needs an even number of devices, got 3: use an even count or --no-split-batch"),
+    (
+        ["--devices", 3],
+        "the CFG split needs an even number of devices, got 3: use an even count or --no-split-batch",
+    ),
     # against the model's configs
-    (["--steps", 1001], "--steps 1001: the euler scheduler (1000 training timesteps, timestep_spacing 'leading', "
-                        "steps_offset 1) takes at most 1000 steps; use 1000 or fewer"),
+    (
+        ["--steps", 1001],
+        "--steps 1001: the euler scheduler (1000 training timesteps, timestep_spacing 'leading', "
+        "steps_offset 1) takes at most 1000 steps; use 1000 or fewer",
+    ),
     (["--steps", 1000, "--scheduler", "ddim"], "takes at most 999 steps; use 999 or fewer"),
     (["--steps", 1000, "--scheduler", "dpm-solver"], "takes at most 999 steps"),
     # decode tiles, kernels, cache
     (["--decode-tile-rows", 3, "--devices", 1], "--decode-tile-rows 3: tiles need at least 16 latent rows"),
-    (["--decode-tile-rows", 16, "--devices", 2], "--decode-tile-rows 16 would be ignored: the VAE decode is "
-                                                 "row-sharded over 2 devices"),
-    (["--attention", "cudnn"], "--attention cudnn needs an NVIDIA GPU (cuDNN) but this run is on cpu; use 'xla'"),
+    (
+        ["--decode-tile-rows", 16, "--devices", 2],
+        "--decode-tile-rows 16 would be ignored: the VAE decode is row-sharded over 2 devices",
+    ),
+    (
+        ["--attention", "cudnn"],
+        "--attention cudnn needs an NVIDIA GPU (cuDNN) but this run is on cpu; use 'xla'",
+    ),
     (["--vae-attention", "cudnn"], "--vae-attention cudnn needs an NVIDIA GPU"),
-    (["--compile-cache", "{tmp}/old.png"], "compilation cache {tmp}/old.png is a file, not a folder; pass a writable"),
+    (
+        ["--compile-cache", "{tmp}/old.png"],
+        "compilation cache {tmp}/old.png is a file, not a folder; pass a writable",
+    ),
 ]
 
 
-@pytest.mark.parametrize("args, message", GENERATE_CASES, ids=[" ".join(map(str, a)) for a, _ in GENERATE_CASES])
+@pytest.mark.parametrize(
+    "args, message", GENERATE_CASES, ids=[" ".join(map(str, a)) for a, _ in GENERATE_CASES]
+)
 def test_generate_bad_input(tiny_pipeline, tmp_path, capsys, no_loading, args, message):
     (tmp_path / "old.png").write_bytes(b"a user's file")
     args = [str(a).format(tmp=tmp_path) for a in args]
-    rc, err = run_main(capsys, "generate", "--model", tiny_pipeline, "--prompt", "x", "--output",
-                       tmp_path / "new.png", *SMALL, *args)
+    rc, err = run_main(
+        capsys,
+        "generate",
+        "--model",
+        tiny_pipeline,
+        "--prompt",
+        "x",
+        "--output",
+        tmp_path / "new.png",
+        *SMALL,
+        *args,
+    )
     one_line_error(rc, err, message.format(tmp=tmp_path))
     assert (tmp_path / "old.png").read_bytes() == b"a user's file"
 
@@ -127,11 +167,16 @@ MODEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("rel, text, message", MODEL_CASES, ids=[f"{r}-{'missing' if t is None else 'invalid'}"
-                                                                  for r, t, _ in MODEL_CASES])
+@pytest.mark.parametrize(
+    "rel, text, message",
+    MODEL_CASES,
+    ids=[f"{r}-{'missing' if t is None else 'invalid'}" for r, t, _ in MODEL_CASES],
+)
 def test_generate_broken_model_folder(tiny_pipeline, tmp_path, capsys, no_loading, rel, text, message):
     model = broken_copy(tiny_pipeline, tmp_path / "model", rel, text)
-    rc, err = run_main(capsys, "generate", "--model", model, "--prompt", "x", "--output", tmp_path / "x.png", *SMALL)
+    rc, err = run_main(
+        capsys, "generate", "--model", model, "--prompt", "x", "--output", tmp_path / "x.png", *SMALL
+    )
     one_line_error(rc, err, message)
 
 
@@ -142,38 +187,64 @@ def test_generate_missing_model(tmp_path, capsys, no_loading):
 
 def test_platform_that_cannot_start(tiny_pipeline, tmp_path, capsys, no_loading, monkeypatch):
     """JAX_PLATFORMS=cuda with CPU-only jaxlib: jax.devices() raises a bare AssertionError."""
+
     def no_cuda(*args):
         raise AssertionError
 
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     monkeypatch.setattr(jax, "devices", no_cuda)
-    rc, err = run_main(capsys, "generate", "--model", tiny_pipeline, "--prompt", "x", "--output", tmp_path / "x.png")
-    one_line_error(rc, err, "JAX_PLATFORMS=cuda: JAX cannot start 'cuda' (its plugin is not installed); unset "
-                            "JAX_PLATFORMS")
+    rc, err = run_main(
+        capsys, "generate", "--model", tiny_pipeline, "--prompt", "x", "--output", tmp_path / "x.png"
+    )
+    one_line_error(
+        rc,
+        err,
+        "JAX_PLATFORMS=cuda: JAX cannot start 'cuda' (its plugin is not installed); unset JAX_PLATFORMS",
+    )
 
 
-@pytest.mark.parametrize("args, layout", [
-    (["--devices", 2], "2x1"),
-    (["--devices", 2, "--guidance-scale", 1], "1x2"),
-    (["--devices", 3, "--guidance-scale", 1, "--height", 96], "1x3"),
-    (["--devices", 4, "--no-split-batch", "--height", 128], "1x4"),
-    (["--devices", 2, "--decode-tile-rows", 16, "--height", 72], "2x1"),  # 9 latent rows: decoded on one device
-])
-def test_generate_accepts_and_prints_the_layout_it_runs(tiny_pipeline, tmp_path, capsys, no_loading, args, layout):
-    rc, err = run_main(capsys, "generate", "--model", tiny_pipeline, "--prompt", "x", "--output", tmp_path / "x.png",
-                       *SMALL, *args)
+@pytest.mark.parametrize(
+    "args, layout",
+    [
+        (["--devices", 2], "2x1"),
+        (["--devices", 2, "--guidance-scale", 1], "1x2"),
+        (["--devices", 3, "--guidance-scale", 1, "--height", 96], "1x3"),
+        (["--devices", 4, "--no-split-batch", "--height", 128], "1x4"),
+        (
+            ["--devices", 2, "--decode-tile-rows", 16, "--height", 72],
+            "2x1",
+        ),  # 9 latent rows: decoded on one device
+    ],
+)
+def test_generate_accepts_and_prints_the_layout_it_runs(
+    tiny_pipeline, tmp_path, capsys, no_loading, args, layout
+):
+    rc, err = run_main(
+        capsys,
+        "generate",
+        "--model",
+        tiny_pipeline,
+        "--prompt",
+        "x",
+        "--output",
+        tmp_path / "x.png",
+        *SMALL,
+        *args,
+    )
     one_line_error(rc, err, "stopped where the weights would load")
     assert f"mesh (cfg x patch) {layout}," in err[0], err
 
 
 def test_benchmark_bad_input(tmp_path, capsys, no_loading):
     rc, err = run_main(capsys, "benchmark", "--random", "tiny", "--json", tmp_path / "missing" / "r.json")
-    one_line_error(rc, err, f"--json {tmp_path / 'missing' / 'r.json'}: folder {tmp_path / 'missing'} does not exist")
+    one_line_error(
+        rc, err, f"--json {tmp_path / 'missing' / 'r.json'}: folder {tmp_path / 'missing'} does not exist"
+    )
     (tmp_path / "old.json").write_text("{}")
     rc, err = run_main(capsys, "benchmark", "--random", "tiny", "--json", tmp_path / "old.json")
     one_line_error(rc, err, "old.json already exists; pass --overwrite to replace it")
     assert (tmp_path / "old.json").read_text() == "{}"
-    rc, err = run_main(capsys, "benchmark", "--random", "tiny", "--seed", 2 ** 64)
+    rc, err = run_main(capsys, "benchmark", "--random", "tiny", "--seed", 2**64)
     one_line_error(rc, err, "argument --seed: 18446744073709551616 is out of range")
     rc, err = run_main(capsys, "benchmark", "--random", "tiny", "--steps", 1001, "--scheduler", "ddim")
     one_line_error(rc, err, "--steps 1001: the ddim scheduler")
@@ -189,14 +260,39 @@ def test_generate_options_reach_the_pipeline(tiny_pipeline, tmp_path, capsys, mo
         raise Stopped("stopped where the weights would load")
 
     monkeypatch.setattr(pipeline.DistriSDXLPipeline, "from_pretrained", classmethod(record))
-    rc, err = run_main(capsys, "generate", "--model", tiny_pipeline, "--prompt", "x", "--output", tmp_path / "x.png",
-                       *SMALL, "--stale-kv", "hidden", "--stale-kv-dtype", "int8", "--attention", "chunked",
-                       "--vae-attention", "xla", "--decode-tile-rows", 64, "--scheduler", "ddim")
+    rc, err = run_main(
+        capsys,
+        "generate",
+        "--model",
+        tiny_pipeline,
+        "--prompt",
+        "x",
+        "--output",
+        tmp_path / "x.png",
+        *SMALL,
+        "--stale-kv",
+        "hidden",
+        "--stale-kv-dtype",
+        "int8",
+        "--attention",
+        "chunked",
+        "--vae-attention",
+        "xla",
+        "--decode-tile-rows",
+        64,
+        "--scheduler",
+        "ddim",
+    )
     one_line_error(rc, err, "stopped where the weights would load")
     c = seen["config"]
     assert (c.height, c.width, c.devices, c.stale_kv, c.stale_kv_dtype) == (64, 64, 1, "hidden", "int8")
-    assert (seen["attention_impl"], seen["vae_attention_impl"], seen["decode_tile_rows"], seen["scheduler"],
-            seen["compilation_cache"]) == ("chunked", "xla", 64, "ddim", "off")
+    assert (
+        seen["attention_impl"],
+        seen["vae_attention_impl"],
+        seen["decode_tile_rows"],
+        seen["scheduler"],
+        seen["compilation_cache"],
+    ) == ("chunked", "xla", 64, "ddim", "off")
 
 
 # ---- real runs ----
@@ -205,8 +301,21 @@ def test_generate_in_process(tiny_pipeline, tmp_path, capsys):
     and replaces an existing image only with --overwrite, leaving no temporary file."""
     out = tmp_path / "cube.png"
     out.write_bytes(b"old")
-    rc, err = run_main(capsys, "generate", "--model", tiny_pipeline, "--prompt", "a red cube", "--output", out, *SMALL,
-                       "--devices", 2, "--no-split-batch", "--overwrite")
+    rc, err = run_main(
+        capsys,
+        "generate",
+        "--model",
+        tiny_pipeline,
+        "--prompt",
+        "a red cube",
+        "--output",
+        out,
+        *SMALL,
+        "--devices",
+        2,
+        "--no-split-batch",
+        "--overwrite",
+    )
     assert rc == 0, err
     assert len(err) == 3 and err[0].startswith("loading ") and "mesh (cfg x patch) 1x2," in err[0], err
     assert err[1].startswith("compiling ") and err[2].startswith(f"wrote {out} (64x64); compile "), err
@@ -219,8 +328,13 @@ def cli_process(*args, fast_compile=True):
     env = dict(os.environ, DISTRIFUSION_JAX_CACHE="off")  # tests write nothing to the user's cache
     if not fast_compile:  # conftest's cheaper XLA optimisation off: a program compiling in over 1 s is needed
         env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAGS, "").strip()
-    return subprocess.run([sys.executable, "-m", "distrifusion_jax", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "distrifusion_jax", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -228,9 +342,29 @@ def test_generate_on_fake_devices(tiny_pipeline, tmp_path):
     """A fresh process creates its fake devices from --devices and shows the progress bar (synchronous steps
     only: displaced ones are tested in test_patch_parallel.py, and compile longer)."""
     out = tmp_path / "cube.png"
-    r = cli_process("generate", "--model", tiny_pipeline, "--prompt", "a red cube", "--height", 64, "--width", 64,
-                    "--steps", 2, "--devices", 4, "--warmup-steps", 2, "--scheduler", "ddim", "--dtype", "float32",
-                    "--output", out)
+    r = cli_process(
+        "generate",
+        "--model",
+        tiny_pipeline,
+        "--prompt",
+        "a red cube",
+        "--height",
+        64,
+        "--width",
+        64,
+        "--steps",
+        2,
+        "--devices",
+        4,
+        "--warmup-steps",
+        2,
+        "--scheduler",
+        "ddim",
+        "--dtype",
+        "float32",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "mesh (cfg x patch) 2x2" in r.stderr and "denoising" in r.stderr
     assert "compile" in r.stderr and "ms/step" in r.stderr and "decode" in r.stderr
@@ -241,9 +375,28 @@ def test_generate_on_fake_devices(tiny_pipeline, tmp_path):
 @pytest.mark.slow
 def test_compilation_cache_is_written(tiny_pipeline, tmp_path):
     """Without the progress callback the denoising program lands in the persistent cache."""
-    r = cli_process("generate", "--model", tiny_pipeline, "--prompt", "x", "--height", 64, "--width", 64, "--steps", 2,
-                    "--devices", 1, "--dtype", "float32", "--no-progress", "--output",
-                    tmp_path / "a.png", "--compile-cache", tmp_path / "cache",
-                    fast_compile=False)  # only compilations over 1 s are cached
+    r = cli_process(
+        "generate",
+        "--model",
+        tiny_pipeline,
+        "--prompt",
+        "x",
+        "--height",
+        64,
+        "--width",
+        64,
+        "--steps",
+        2,
+        "--devices",
+        1,
+        "--dtype",
+        "float32",
+        "--no-progress",
+        "--output",
+        tmp_path / "a.png",
+        "--compile-cache",
+        tmp_path / "cache",
+        fast_compile=False,
+    )  # only compilations over 1 s are cached
     assert r.returncode == 0, r.stderr
     assert any(p.name.startswith("jit__run") for p in (tmp_path / "cache").iterdir())

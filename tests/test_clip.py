@@ -32,18 +32,50 @@ VOCAB, EOS_ARGMAX, EOS_OTHER = 100, 99, 49  # with eos_token_id=2 the pooled tok
 
 TINY = {
     # SDXL text_encoder-like: no projection, quick_gelu, the legacy eos_token_id=2 (argmax pooling)
-    "l": dict(architectures=["CLIPTextModel"], hidden_act="quick_gelu", hidden_size=32, intermediate_size=37,
-              num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=77,
-              projection_dim=24, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    "l": dict(
+        architectures=["CLIPTextModel"],
+        hidden_act="quick_gelu",
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=77,
+        projection_dim=24,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    ),
     # SDXL text_encoder_2-like: bias-free projection, exact gelu, three layers
-    "g": dict(architectures=["CLIPTextModelWithProjection"], hidden_act="gelu", hidden_size=32,
-              intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
-              max_position_embeddings=77, projection_dim=24, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    "g": dict(
+        architectures=["CLIPTextModelWithProjection"],
+        hidden_act="gelu",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=77,
+        projection_dim=24,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    ),
     # a fixed eos_token_id: the pooled token is the first one equal to it, not the largest
-    "g_eos": dict(architectures=["CLIPTextModelWithProjection"], hidden_act="gelu", hidden_size=32,
-                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-                  max_position_embeddings=77, projection_dim=16, bos_token_id=0, eos_token_id=EOS_OTHER,
-                  pad_token_id=1),
+    "g_eos": dict(
+        architectures=["CLIPTextModelWithProjection"],
+        hidden_act="gelu",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=77,
+        projection_dim=16,
+        bos_token_id=0,
+        eos_token_id=EOS_OTHER,
+        pad_token_id=1,
+    ),
 }
 TORCH_CLASSES = {"CLIPTextModel": TorchCLIPText, "CLIPTextModelWithProjection": TorchCLIPTextProj}
 
@@ -101,9 +133,11 @@ def run_both(name, tiny_dir, dtype=jnp.float32, attention_mask=None):
 
 
 def parity_figures(ours, ref, pooled):
-    figs = {"last_hidden_state": rel_l2(ours.last_hidden_state, ref.last_hidden_state),
-            "hidden_states[-2]": rel_l2(ours.hidden_states[-2], ref.hidden_states[-2]),
-            "pooler_output": rel_l2(ours.pooler_output, pooled)}
+    figs = {
+        "last_hidden_state": rel_l2(ours.last_hidden_state, ref.last_hidden_state),
+        "hidden_states[-2]": rel_l2(ours.hidden_states[-2], ref.hidden_states[-2]),
+        "pooler_output": rel_l2(ours.pooler_output, pooled),
+    }
     if ours.text_embeds is not None:
         figs["text_embeds"] = rel_l2(ours.text_embeds, ref.text_embeds)
     return figs
@@ -133,8 +167,9 @@ def test_pooling_positions(tiny_dir):
         model, params = load_text_encoder(tiny_dir(name)[0])
         out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
         for b in range(2):
-            np.testing.assert_array_equal(np.asarray(out.pooler_output[b]),
-                                          np.asarray(out.last_hidden_state[b, expected[b]]))
+            np.testing.assert_array_equal(
+                np.asarray(out.pooler_output[b]), np.asarray(out.last_hidden_state[b, expected[b]])
+            )
     assert list(np.argmax(ids, axis=-1)) != [9, 40]
 
 
@@ -169,11 +204,16 @@ def test_activations_match_transformers(act):
 def test_full_size_keys_and_shapes(name, count):
     raw = json.loads((SDXL / name / "config.json").read_text())
     with torch.device("meta"):
-        reference = TORCH_CLASSES[raw["architectures"][0]](TorchConfig(**{k: v for k, v in raw.items()
-                                                                           if k != "architectures"}))
+        reference = TORCH_CLASSES[raw["architectures"][0]](
+            TorchConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+        )
     torch_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    ours = {k: tuple(v.shape) for k, v in
-            keymap.flatten(text_encoder_class(raw)(CLIPTextConfig.from_dict(raw)).abstract_params()).items()}
+    ours = {
+        k: tuple(v.shape)
+        for k, v in keymap.flatten(
+            text_encoder_class(raw)(CLIPTextConfig.from_dict(raw)).abstract_params()
+        ).items()
+    }
     mapped = dict(text_encoder_key_map(k, s)[:2] for k, s in torch_shapes.items())
     assert sorted(set(mapped) - set(ours)) == []
     assert sorted(set(ours) - set(mapped)) == []
@@ -181,8 +221,10 @@ def test_full_size_keys_and_shapes(name, count):
     assert sum(int(np.prod(s)) for s in ours.values()) == count
     assert sum(int(np.prod(s)) for s in torch_shapes.values()) == count
     # the inverse map gives the (pre-transformers-5, text_model.-prefixed) key of every parameter
-    prefixed = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): s
-                for k, s in torch_shapes.items()}
+    prefixed = {
+        (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): s
+        for k, s in torch_shapes.items()
+    }
     assert {keymap.flax_to_torch(p, s)[:2] for p, s in ours.items()} == set(prefixed.items())
 
 
@@ -276,14 +318,26 @@ def test_bad_inputs_give_clear_errors(tiny_dir, tmp_path):
 
 
 def test_config_from_sdxl_files_and_bad_calls():
-    configs = {n: CLIPTextConfig.from_json(SDXL / n / "config.json") for n in ("text_encoder", "text_encoder_2")}
-    assert configs["text_encoder"].hidden_act == "quick_gelu" and configs["text_encoder_2"].hidden_size == 1280
+    configs = {
+        n: CLIPTextConfig.from_json(SDXL / n / "config.json") for n in ("text_encoder", "text_encoder_2")
+    }
+    assert (
+        configs["text_encoder"].hidden_act == "quick_gelu" and configs["text_encoder_2"].hidden_size == 1280
+    )
     assert CLIPTextConfig.from_dict(configs["text_encoder_2"].to_dict()) == configs["text_encoder_2"]
     with pytest.raises(ConfigError, match="model_type='clip'"):
         CLIPTextConfig.from_dict({"model_type": "clip"})
     with pytest.raises(ConfigError, match="not divisible"):
         CLIPTextConfig(hidden_size=30, num_attention_heads=4)
-    model = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=10, max_position_embeddings=4))
+    model = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=10,
+            max_position_embeddings=4,
+        )
+    )
     with pytest.raises(DistriFusionError, match="5 tokens but the text encoder has 4 positions"):
         model.abstract_params(seq_len=5)

@@ -23,10 +23,13 @@ def bands(fn, m, x, in_spec=P(None, PATCH), out_spec=P(None, PATCH)):
 def test_halo_rows_equal_zero_padded_neighbours(n):
     x = np.random.default_rng(0).standard_normal((2, 4 * n, 5, 3)).astype(np.float32)
     padded = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))  # the full image with its zero border
-    out = bands(lambda b: jnp.concatenate([*C.halo_rows(b, 1, 1, PATCH)[:1], b, C.halo_rows(b, 1, 1, PATCH)[1]], 1),
-                mesh(n), x)
+    out = bands(
+        lambda b: jnp.concatenate([*C.halo_rows(b, 1, 1, PATCH)[:1], b, C.halo_rows(b, 1, 1, PATCH)[1]], 1),
+        mesh(n),
+        x,
+    )
     # each band of height 4 came back as 6 rows: the padded image's rows around it
-    expected = np.concatenate([padded[:, 4 * i: 4 * i + 6] for i in range(n)], axis=1)
+    expected = np.concatenate([padded[:, 4 * i : 4 * i + 6] for i in range(n)], axis=1)
     np.testing.assert_array_equal(np.asarray(out), expected)
 
 
@@ -34,8 +37,9 @@ def test_halo_rows_equal_zero_padded_neighbours(n):
 def test_gather_tokens_is_the_whole_image_in_row_major_order(n):
     x = np.random.default_rng(1).standard_normal((2, 4 * n, 3, 2, 5)).astype(np.float32)  # [B, H, W, N, Hd]
     full_tokens = x.reshape(2, -1, 2, 5)
-    out = bands(lambda b: C.gather_tokens(b.reshape(2, -1, 2, 5), PATCH)[:, None], mesh(n), x,
-                out_spec=P(None, PATCH))
+    out = bands(
+        lambda b: C.gather_tokens(b.reshape(2, -1, 2, 5), PATCH)[:, None], mesh(n), x, out_spec=P(None, PATCH)
+    )
     for i in range(n):
         np.testing.assert_array_equal(np.asarray(out)[:, i], full_tokens)
 
@@ -51,14 +55,16 @@ def test_replace_own_tokens():
     out = np.asarray(bands(f, mesh(n), fresh))
     for i in range(n):
         expected = stale.copy()
-        expected[:, 8 * i: 8 * (i + 1)] = fresh[:, 8 * i: 8 * (i + 1)]
+        expected[:, 8 * i : 8 * (i + 1)] = fresh[:, 8 * i : 8 * (i + 1)]
         np.testing.assert_array_equal(out[:, i], expected)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_combined_stats_equal_whole_image_groupnorm_stats(n):
     rng = np.random.default_rng(2)
-    x = (3.0 + rng.standard_normal((2, 2 * n, 4, 8)) * rng.uniform(0.1, 2, (1, 2 * n, 1, 8))).astype(np.float32)
+    x = (3.0 + rng.standard_normal((2, 2 * n, 4, 8)) * rng.uniform(0.1, 2, (1, 2 * n, 1, 8))).astype(
+        np.float32
+    )
     mean, var = group_stats(jnp.asarray(x), 4)
 
     def f(b):
@@ -100,7 +106,7 @@ def test_corrected_stats_formula(n):
     for i in range(n):  # the reference's formula: [M, Q] = mean_j B_j + (S_i - B_i), var = Q - M^2
         M = stale[..., 0].mean(0) + fresh[i, ..., 0] - stale[i, ..., 0]
         Q = q(stale).mean(0) + q(fresh[i]) - q(stale[i])
-        var = Q - M ** 2
+        var = Q - M**2
         var = np.where(var < 0, fresh[i, ..., 1], var)
         np.testing.assert_allclose(out[i, ..., 0], M, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out[i, ..., 1], var, rtol=1e-4, atol=1e-5)
@@ -119,8 +125,11 @@ def test_corrected_stats_fixed_point_and_negative_variance_fallback():
     raw = stale[..., 1].mean(0) + fresh[0, ..., 1] - stale[0, ..., 1]  # Q - M^2 for band 0 (means all 0)
     assert (raw < -30).all()
     np.testing.assert_allclose(out[0, ..., 1], fresh[0, ..., 1], rtol=1e-6)  # fell back to its own variance
-    np.testing.assert_allclose(out[1:, ..., 1], np.broadcast_to(stale[..., 1].mean(0), out[1:, ..., 1].shape)
-                               + fresh[1:, ..., 1] - stale[1:, ..., 1], rtol=1e-5)
+    np.testing.assert_allclose(
+        out[1:, ..., 1],
+        np.broadcast_to(stale[..., 1].mean(0), out[1:, ..., 1].shape) + fresh[1:, ..., 1] - stale[1:, ..., 1],
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("negative", [False, True])
@@ -133,7 +142,7 @@ def test_stale_stats_is_exact_combination_with_own_slot_fresh(negative):
         mixed[i] = fresh[i]
         m, v = mixed[..., 0], mixed[..., 1]
         M = m.mean(0)  # (sum_{j != i} B_j + S_i) / N
-        var = (v + m ** 2).mean(0) - M ** 2
+        var = (v + m**2).mean(0) - M**2
         np.testing.assert_allclose(out[i, ..., 0], M, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out[i, ..., 1], var, rtol=1e-4, atol=1e-5)
     assert (out[..., 1] >= 0).all()
@@ -166,6 +175,7 @@ def test_sample_std_is_the_whole_image_unbiased_std(n):
     if n == 1:
         out = np.asarray(C.sample_std(jnp.asarray(x)))
     else:
-        out = np.asarray(bands(lambda b: C.sample_std(b, PATCH)[:, :, None], mesh(n), x,
-                               out_spec=P(None, None, PATCH)))[:, 0, 0, 0]
+        out = np.asarray(
+            bands(lambda b: C.sample_std(b, PATCH)[:, :, None], mesh(n), x, out_spec=P(None, None, PATCH))
+        )[:, 0, 0, 0]
     np.testing.assert_allclose(out.reshape(-1), expected, rtol=1e-5)

@@ -15,7 +15,9 @@ from distrifusion_jax.tools import abstract as A
 from distrifusion_jax.tools import comm as R
 from distrifusion_jax.tools import comm_report
 
-TINY = preset_dict("micro-sdxl")  # the smallest SDXL-shaped UNet: DownBlock2D + a cross-attention level, text_time
+TINY = preset_dict(
+    "micro-sdxl"
+)  # the smallest SDXL-shaped UNet: DownBlock2D + a cross-attention level, text_time
 HEIGHT, WIDTH = 128, 96  # latent 16 x 12: four bands of 4 rows, 2 rows at the lower level
 CONFIG = unet_preset("micro-sdxl")
 
@@ -30,8 +32,11 @@ def rows(model):
     """analyze() of the tiny UNet for 2 and 4 devices with and without the CFG split (traced once)."""
     unet, params = model
     baseline = A.single_device_flops(unet, params, A.Case(CONFIG, HEIGHT, WIDTH, 1))
-    return {(n, split): R.analyze(A.Case(CONFIG, HEIGHT, WIDTH, n, split), unet, params, baseline)
-            for n in (2, 4) for split in (True, False)}
+    return {
+        (n, split): R.analyze(A.Case(CONFIG, HEIGHT, WIDTH, n, split), unet, params, baseline)
+        for n in (2, 4)
+        for split in (True, False)
+    }
 
 
 def hand_count(cfg: dict, h: int, w: int):
@@ -88,18 +93,28 @@ def expected(cfg: dict, h: int, w: int, n: int, split: bool, itemsize: int = 2):
     b = 1 if split else 2  # the UNet's batch on one device: one guidance branch, or both
     groups = cfg["norm_num_groups"]
     middle = min(p - 1, 2)  # ppermute partners of the busiest band
-    row_bytes = sum(cols * cin for _, cols, cin, _ in convs[1:]) * b * itemsize  # one row of every conv but conv_in
+    row_bytes = (
+        sum(cols * cin for _, cols, cin, _ in convs[1:]) * b * itemsize
+    )  # one row of every conv but conv_in
     # a stride-2 conv reads no row below its band: it takes (and keeps) only the one from above
     strided = sum(cols * cin for _, cols, cin, stride in convs[1:] if stride == 2) * b * itemsize
     conv_in_row = b * w * 4 * itemsize
     kv_band = 2 * sum((rows // p) * cols * inner for rows, cols, inner in attns) * b * itemsize  # K and V
     out_band = b * (h // p) * w * 4 * itemsize
-    ours = dict(halo=middle * (row_bytes + conv_in_row) - max(middle - 1, 0) * strided, kv=(p - 1) * kv_band,
-                gn=(p - 1) * gns * b * groups * 2 * 4, cfg=out_band if split else 0)
+    ours = dict(
+        halo=middle * (row_bytes + conv_in_row) - max(middle - 1, 0) * strided,
+        kv=(p - 1) * kv_band,
+        gn=(p - 1) * gns * b * groups * 2 * 4,
+        cfg=out_band if split else 0,
+    )
     # one band per device group (N=2 with the CFG split): plain UNet, no exchange, no state
     ours_stale = 2 * row_bytes - strided + p * kv_band + gns * p * b * groups * 2 * 4 if p > 1 else 0
-    ref = dict(halo=(p - 1) * 2 * row_bytes, kv=(p - 1) * kv_band,
-               gn=(p - 1) * gns * b * groups * 2 * itemsize, cfg=(n - 1) * out_band)
+    ref = dict(
+        halo=(p - 1) * 2 * row_bytes,
+        kv=(p - 1) * kv_band,
+        gn=(p - 1) * gns * b * groups * 2 * itemsize,
+        cfg=(n - 1) * out_band,
+    )
     ref_stale = p * (2 * row_bytes + kv_band + gns * b * groups * 2 * itemsize) if p > 1 else 0
     return ours, ours_stale, ref, ref_stale
 
@@ -129,8 +144,9 @@ def test_flops_ratio_is_sane(rows, n, split):
 def test_float32_and_separate_gn():
     """Item sizes follow the dtype; separate_gn exchanges no statistics (ours nor the reference's)."""
     unet, params = A.abstract_model(CONFIG, "float32")
-    row = R.analyze(A.Case(CONFIG, HEIGHT, WIDTH, 4, False, "float32", "separate_gn"), unet, params,
-                    with_flops=False)
+    row = R.analyze(
+        A.Case(CONFIG, HEIGHT, WIDTH, 4, False, "float32", "separate_gn"), unet, params, with_flops=False
+    )
     ours, _, ref, _ = expected(TINY, HEIGHT // 8, WIDTH // 8, 4, False, itemsize=4)
     assert {k: row["ours"]["received"][k] for k in R.KINDS} == dict(ours, gn=0)
     assert {k: row["reference"]["received"][k] for k in R.KINDS} == dict(ref, gn=0)
@@ -141,8 +157,12 @@ def test_float32_and_separate_gn():
 def test_stale_kv_options_shrink_kv_bytes(model, rows, stale_kv, stale_kv_dtype):
     """K/V bytes (exchange and state) follow the options' shapes; the reference's stay those of bf16 K and V."""
     unet, params = model
-    row = R.analyze(A.Case(CONFIG, HEIGHT, WIDTH, 4, False, stale_kv=stale_kv, stale_kv_dtype=stale_kv_dtype),
-                    unet, params, with_flops=False)
+    row = R.analyze(
+        A.Case(CONFIG, HEIGHT, WIDTH, 4, False, stale_kv=stale_kv, stale_kv_dtype=stale_kv_dtype),
+        unet,
+        params,
+        with_flops=False,
+    )
     default = rows[4, False]
     kv = default["ours"]["received"]["kv"]  # bf16 K and V: 2 bytes per element
     head_dim = 8  # both attention levels: 16 channels in 2 heads
@@ -150,9 +170,12 @@ def test_stale_kv_options_shrink_kv_bytes(model, rows, stale_kv, stale_kv_dtype)
     scales = 0 if stale_kv_dtype is None else 4 * elements // (16 if stale_kv == "hidden" else head_dim)
     expect = elements * (2 if stale_kv_dtype is None else 1) + scales
     assert row["ours"]["received"]["kv"] == expect
-    assert row["ours"]["stale_bytes"] - default["ours"]["stale_bytes"] == (expect - kv) * 4 // 3  # P / (P - 1)
+    assert (
+        row["ours"]["stale_bytes"] - default["ours"]["stale_bytes"] == (expect - kv) * 4 // 3
+    )  # P / (P - 1)
     assert {k: v for k, v in row["ours"]["received"].items() if k not in ("kv", "total")} == {
-        k: v for k, v in default["ours"]["received"].items() if k not in ("kv", "total")}
+        k: v for k, v in default["ours"]["received"].items() if k not in ("kv", "total")
+    }
     assert row["reference"] == default["reference"]
     assert row["collectives_match"]
 
@@ -190,7 +213,9 @@ def test_sharded_unet_flops_equal_unsharded_band(model):
     d = A.make_denoiser(unet, case)
     plain, t = d.model(None), d.timesteps[0]
     fn = lambda p, x, e, a: d.eps(plain, p, None, x, t, e, a)[0]
-    sharded = jax.shard_map(fn, mesh=d.mesh, in_specs=(P(), P(None, PATCH), P(), P()), out_specs=P(None, PATCH))
+    sharded = jax.shard_map(
+        fn, mesh=d.mesh, in_specs=(P(), P(None, PATCH), P(), P()), out_specs=P(None, PATCH)
+    )
     whole = A.flops(jax.jit(sharded).lower(params, *A.abstract_inputs(case)))
     band = A.Case(CONFIG, HEIGHT // 4, WIDTH, 1, False)
     assert whole == pytest.approx(A.single_device_flops(unet, params, band), abs=8)
@@ -203,11 +228,19 @@ def test_zero_initial_state_costs_like_a_state_input(model, rows):
     d, inputs = A.make_denoiser(unet, case), A.abstract_inputs(case)
     sync, disp = (d.model(PatchPlan(ph, case.mode)) for ph in ("sync", "displaced"))
     t, batch, state = d.timesteps[0], P(CFG), P((CFG, PATCH))
-    init = jax.shard_map(lambda p, x, e, a: d.initial_stale(sync, p, x, e, a), mesh=d.mesh,
-                         in_specs=(P(), P(None, PATCH), batch, batch), out_specs=state)
+    init = jax.shard_map(
+        lambda p, x, e, a: d.initial_stale(sync, p, x, e, a),
+        mesh=d.mesh,
+        in_specs=(P(), P(None, PATCH), batch, batch),
+        out_specs=state,
+    )
     stale = jax.eval_shape(init, params, *inputs)
-    step = jax.shard_map(lambda p, s, x, e, a: d.eps(disp, p, s, x, t, e, a), mesh=d.mesh,
-                         in_specs=(P(), state, P(None, PATCH), batch, batch), out_specs=(P(None, PATCH), state))
+    step = jax.shard_map(
+        lambda p, s, x, e, a: d.eps(disp, p, s, x, t, e, a),
+        mesh=d.mesh,
+        in_specs=(P(), state, P(None, PATCH), batch, batch),
+        out_specs=(P(None, PATCH), state),
+    )
     assert rows[4, True]["flops_per_device"] == A.flops(jax.jit(step).lower(params, stale, *inputs))
 
 

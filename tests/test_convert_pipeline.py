@@ -25,10 +25,22 @@ from distrifusion_jax.weights import load_text_encoder, load_unet, load_vae
 from distrifusion_jax.weights.clip import text_encoder_key_map
 from distrifusion_jax.weights.vae import vae_key_map
 
-LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder, "text_encoder_2": load_text_encoder}
-KEY_MAPS = {"unet": keymap.torch_to_flax, "vae": vae_key_map, "text_encoder": text_encoder_key_map,
-            "text_encoder_2": text_encoder_key_map}
-UNET, VAE = preset_dict("tiny-sdxl", "unet"), preset_dict("tiny-sdxl", "vae")  # what the random pipeline holds
+LOADERS = {
+    "unet": load_unet,
+    "vae": load_vae,
+    "text_encoder": load_text_encoder,
+    "text_encoder_2": load_text_encoder,
+}
+KEY_MAPS = {
+    "unet": keymap.torch_to_flax,
+    "vae": vae_key_map,
+    "text_encoder": text_encoder_key_map,
+    "text_encoder_2": text_encoder_key_map,
+}
+UNET, VAE = (
+    preset_dict("tiny-sdxl", "unet"),
+    preset_dict("tiny-sdxl", "vae"),
+)  # what the random pipeline holds
 PROMPT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" in the CLIP vocabulary
 
 
@@ -39,8 +51,9 @@ def tiny_diffusers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(tiny_diffusers, tmp_path_factory):
-    return convert_pipeline(tiny_diffusers, tmp_path_factory.mktemp("converted") / "sdxl", dtype="bfloat16",
-                            progress=False)
+    return convert_pipeline(
+        tiny_diffusers, tmp_path_factory.mktemp("converted") / "sdxl", dtype="bfloat16", progress=False
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,8 +97,14 @@ def test_tiny_pipeline_loads_and_runs_in_diffusers(tiny_diffusers):
     assert pipe.vae_scale_factor == 8 and pipe.default_sample_size == UNET["sample_size"]
     assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer_2.pad_token_id == 0
     # a run checks the shapes agree: context 32 + 32, text_embeds + 6 time ids, 4 VAE levels
-    out = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np",
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a photo of a cat",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
 
 
@@ -99,7 +118,10 @@ def test_converted_pipeline_loads_the_same_parameters(converted):
     assert unet_config["sample_size"] == UNET["sample_size"]  # carried over for the default image size
     index = json.loads((converted / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"]
-    assert index["_distrifusion_jax"]["dtype"] == "bfloat16" and index["_distrifusion_jax"]["vae_dtype"] == "float32"
+    assert (
+        index["_distrifusion_jax"]["dtype"] == "bfloat16"
+        and index["_distrifusion_jax"]["vae_dtype"] == "float32"
+    )
 
 
 def test_converted_tokenizers_and_scheduler(tiny_diffusers, converted):
@@ -109,7 +131,11 @@ def test_converted_tokenizers_and_scheduler(tiny_diffusers, converted):
     assert ids == PROMPT_IDS + [49407] * 70
     assert ids_2 == PROMPT_IDS + [0] * 70 and tok_2.pad_token == "!"
     assert sorted(p.name for p in (converted / "tokenizer_2").iterdir()) == [
-        "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     sched = "scheduler/scheduler_config.json"
     assert json.loads((converted / sched).read_text()) == json.loads((tiny_diffusers / sched).read_text())
 
@@ -162,7 +188,7 @@ def snapshot(folder) -> dict:
             raw = p.read_bytes()
             if p.suffix == ".safetensors":
                 n = int.from_bytes(raw[:8], "little")
-                raw = (json.loads(raw[8:8 + n]), raw[8 + n:])
+                raw = (json.loads(raw[8 : 8 + n]), raw[8 + n :])
             out[str(p.relative_to(folder))] = raw
     return out
 
@@ -186,7 +212,10 @@ def test_non_empty_destination_needs_overwrite(tiny_diffusers, converted, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
     (tmp_path / "empty").mkdir()  # an empty folder needs no --overwrite
     convert_unet(tiny_diffusers / "unet", tmp_path / "empty", progress=False)
-    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "flax_params.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
+        "config.json",
+        "flax_params.safetensors",
+    ]
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         convert_unet(tiny_diffusers / "unet", tmp_path / "empty", progress=False)
 
@@ -194,8 +223,12 @@ def test_non_empty_destination_needs_overwrite(tiny_diffusers, converted, tmp_pa
 def test_overlapping_or_file_destinations_are_refused(tiny_diffusers, tmp_path, capsys):
     before = snapshot(tiny_diffusers)
     unet = tiny_diffusers / "unet"
-    for src, dst in [(tiny_diffusers, tiny_diffusers / "converted"), (unet, unet / "converted"),
-                     (unet, tiny_diffusers), (tiny_diffusers / ".." / tiny_diffusers.name / "unet", tiny_diffusers)]:
+    for src, dst in [
+        (tiny_diffusers, tiny_diffusers / "converted"),
+        (unet, unet / "converted"),
+        (unet, tiny_diffusers),
+        (tiny_diffusers / ".." / tiny_diffusers.name / "unet", tiny_diffusers),
+    ]:
         with pytest.raises(CheckpointError, match="the output and source folders must not overlap"):
             convert(src, dst, progress=False, overwrite=True)  # overwrite=True: would delete the source
     (tmp_path / "link").symlink_to(unet)
@@ -240,8 +273,9 @@ def broken_copy(folder, dst, edit):
 
 
 def test_bad_tokenizers_are_refused_before_writing(tiny_diffusers, tmp_path, capsys):
-    no_merges = broken_copy(tiny_diffusers, tmp_path / "no_merges",
-                            lambda f: (f / "tokenizer_2" / "merges.txt").unlink())
+    no_merges = broken_copy(
+        tiny_diffusers, tmp_path / "no_merges", lambda f: (f / "tokenizer_2" / "merges.txt").unlink()
+    )
     assert cli_main(["convert", str(no_merges), str(tmp_path / "out")]) == 2
     err = one_line_error(capsys)
     assert "tokenizer_2: no vocab.json/merges.txt (nor tokenizer.json) (only vocab.json)" in err
@@ -252,14 +286,19 @@ def test_bad_tokenizers_are_refused_before_writing(tiny_diffusers, tmp_path, cap
         path.write_text(json.dumps(dict(json.loads(path.read_text()), vocab_size=50000)))
 
     wrong_size = broken_copy(tiny_diffusers, tmp_path / "wrong_size", grow_vocab)
-    with pytest.raises(CheckpointError, match="tokenizer: the vocabulary has 49408 tokens but the text encoder "
-                                              "embeds 50000"):
+    with pytest.raises(
+        CheckpointError, match="tokenizer: the vocabulary has 49408 tokens but the text encoder embeds 50000"
+    ):
         convert_pipeline(wrong_size, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_from_pretrained_checks_tokenizers_without_transformers(converted, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)  # the runtime never imports it: this load gets as far
+    monkeypatch.setitem(
+        sys.modules, "transformers", None
+    )  # the runtime never imports it: this load gets as far
     bad = broken_copy(converted, tmp_path / "bad", lambda f: (f / "tokenizer" / "merges.txt").unlink())
-    with pytest.raises(CheckpointError, match=r"tokenizer: no vocab.json/merges.txt .*copy the tokenizer folder"):
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer: no vocab.json/merges.txt .*copy the tokenizer folder"
+    ):
         DistriSDXLPipeline.from_pretrained(bad, DistriConfig(64, 64, devices=1), dtype=np.float32)

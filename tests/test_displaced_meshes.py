@@ -42,12 +42,17 @@ def inputs(height, batch=1, cfg=True):
     parts = []
     for k in range(batch):
         rng = np.random.default_rng(k)
-        parts.append((rng.standard_normal((1, height // 8, WIDTH // 8, 4)), rng.standard_normal((2, 7, 8)),
-                      rng.standard_normal((2, 8))))
+        parts.append(
+            (
+                rng.standard_normal((1, height // 8, WIDTH // 8, 4)),
+                rng.standard_normal((2, 7, 8)),
+                rng.standard_normal((2, 8)),
+            )
+        )
     branches = [0, 1] if cfg else [1]  # row 0: unconditional, row 1: conditional
     latents = np.concatenate([p[0] for p in parts])
-    ehs = np.concatenate([p[1][r:r + 1] for r in branches for p in parts])
-    text = np.concatenate([p[2][r:r + 1] for r in branches for p in parts])
+    ehs = np.concatenate([p[1][r : r + 1] for r in branches for p in parts])
+    text = np.concatenate([p[2][r : r + 1] for r in branches for p in parts])
     time_ids = np.array([[float(height), float(WIDTH), 0.0]] * len(text))
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     return f32(latents), f32(ehs), {"text_embeds": f32(text), "time_ids": f32(time_ids)}
@@ -91,8 +96,17 @@ def check_displaced(model, height, fields, label, **kw):
     return err
 
 
-@pytest.mark.parametrize("mode", dj.config.MODES)
-@pytest.mark.parametrize("mesh", MESHES)
+# The fast tier runs every mode on the CFG-split mesh and the default mode on every mesh kind; the
+# rest of the cross product is in the slow tier (pytest -m slow), which CI also runs.
+def mesh_mode_case(mesh: str, mode: str):
+    fast = mesh == "cfg split 2x2" or mode == "corrected_async_gn"
+    return pytest.param(mesh, mode, marks=() if fast else pytest.mark.slow, id=f"{mesh}-{mode}")
+
+
+MESH_MODE_CASES = [mesh_mode_case(mesh, mode) for mesh in MESHES for mode in dj.config.MODES]
+
+
+@pytest.mark.parametrize("mesh, mode", MESH_MODE_CASES)
 def test_every_mode_on_every_mesh_kind(model, mesh, mode):
     height, fields = MESHES[mesh]
     check_displaced(model, height, dict(fields, mode=mode), f"{mesh}, {mode}")
@@ -120,8 +134,12 @@ def test_schedulers_displaced_without_the_cfg_split(model, scheduler):
 @pytest.mark.parametrize("stale_kv, dtype", [("hidden", "int8"), ("kv", "bfloat16"), ("kv", "float8_e4m3fn")])
 def test_stale_options_displaced_without_the_cfg_split(model, stale_kv, dtype):
     height, fields = NO_SPLIT
-    err = check_displaced(model, height, dict(fields, stale_kv=stale_kv, stale_kv_dtype=dtype),
-                          f"stale_kv={stale_kv}, {dtype}, no split 1x8")
+    err = check_displaced(
+        model,
+        height,
+        dict(fields, stale_kv=stale_kv, stale_kv_dtype=dtype),
+        f"stale_kv={stale_kv}, {dtype}, no split 1x8",
+    )
     default = rel_l2(run(model, height, warmup_steps=WARMUP, **fields), reference(model, height, fields))
     assert abs(err - default) < 0.1 * default  # the option barely changes the displaced result's accuracy
 

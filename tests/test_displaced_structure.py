@@ -48,7 +48,9 @@ def trace_step(setup, mode, phase="displaced", split_batch=True, wrap=False, **p
     """One step of `phase` on a fresh state, under shard_map on 8 devices: (collectives by kind, kinds of
     those feeding the prediction, taints of the outputs, the collectives)."""
     unet, params, (latents, ehs, added), sched = setup
-    d = dj.Denoiser(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=8, split_batch=split_batch, mode=mode), sched, 4)
+    d = dj.Denoiser(
+        unet, dj.DistriConfig(HEIGHT, WIDTH, devices=8, split_batch=split_batch, mode=mode), sched, 4
+    )
     model = d.model(PatchPlan(phase, mode, **plan_options))
     sync = d.model(PatchPlan("sync", mode, **plan_options))
     if wrap:
@@ -59,8 +61,9 @@ def trace_step(setup, mode, phase="displaced", split_batch=True, wrap=False, **p
         return d.eps(model, params, state, x, jnp.float32(1.0), ehs, added)
 
     batch = P(CFG) if d.cfg_size == 2 else P()
-    sharded = jax.shard_map(f, mesh=d.mesh, in_specs=(P(), P(None, PATCH), batch, batch),
-                            out_specs=(P(None, PATCH), P(d.varying)))
+    sharded = jax.shard_map(
+        f, mesh=d.mesh, in_specs=(P(), P(None, PATCH), batch, batch), out_specs=(P(None, PATCH), P(d.varying))
+    )
     body = shard_map_body(jax.make_jaxpr(sharded)(params, latents, ehs, added))
     found = []
     out = output_taints(body, [frozenset()] * len(body.invars), found)
@@ -98,9 +101,13 @@ def test_each_mode_makes_and_consumes_the_expected_exchanges(setup, sync_counts,
     assert feeding == Counter({k: sync_counts[k] for k in kinds_fed})
 
 
-@pytest.mark.parametrize("stale_kv, dtype, per_tensor", [("hidden", None, 1), ("kv", "int8", 4),
-                                                          ("hidden", "int8", 2), ("kv", "float8_e4m3fn", 4)])
-def test_stale_options_exchange_but_never_consume_their_tokens(setup, sync_counts, stale_kv, dtype, per_tensor):
+@pytest.mark.parametrize(
+    "stale_kv, dtype, per_tensor",
+    [("hidden", None, 1), ("kv", "int8", 4), ("hidden", "int8", 2), ("kv", "float8_e4m3fn", 4)],
+)
+def test_stale_options_exchange_but_never_consume_their_tokens(
+    setup, sync_counts, stale_kv, dtype, per_tensor
+):
     """'hidden' gathers one tensor per self-attention instead of K and V; 8-bit codes come with scales."""
     made, feeding, _, _ = trace_step(setup, "corrected_async_gn", stale_kv=stale_kv, stale_kv_dtype=dtype)
     assert made["tokens"] == sync_counts["tokens"] // 2 * per_tensor
@@ -123,23 +130,30 @@ def test_every_kept_state_leaf_is_read(setup, mode):
 
     specs = (P(), P(None, PATCH), P(CFG), P(CFG))
     state = jax.jit(jax.shard_map(make_state, mesh=d.mesh, in_specs=specs, out_specs=P(d.varying)))(
-        params, latents, ehs, added)
+        params, latents, ehs, added
+    )
     leaves = jax.tree_util.tree_leaves_with_path(state)
     if mode == "full_sync":
         assert leaves == []
         return
     names = {jax.tree_util.keystr(p).split("'")[-2] for p, _ in leaves}
     assert ("stats" in names) == (mode in ("corrected_async_gn", "stale_gn"))
-    sharded = jax.shard_map(f, mesh=d.mesh, in_specs=(P(), P(d.varying)) + specs[1:], out_specs=P(None, PATCH))
+    sharded = jax.shard_map(
+        f, mesh=d.mesh, in_specs=(P(), P(d.varying)) + specs[1:], out_specs=P(None, PATCH)
+    )
     body = shard_map_body(jax.make_jaxpr(sharded)(params, state, latents, ehs, added))
     n_params = len(jax.tree.leaves(params))
-    taints = [frozenset({i - n_params}) if n_params <= i < n_params + len(leaves) else frozenset()
-              for i in range(len(body.invars))]
+    taints = [
+        frozenset({i - n_params}) if n_params <= i < n_params + len(leaves) else frozenset()
+        for i in range(len(body.invars))
+    ]
     read = output_taints(body, taints, [])[0]
     unread = [jax.tree_util.keystr(p) for i, (p, _) in enumerate(leaves) if i not in read]
     assert unread == []
     # a 3x3 conv keeps a row from each neighbour, the stride-2 downsampler only the one above its band
-    rows = {jax.tree_util.keystr(p): a.shape[1] for p, a in leaves if jax.tree_util.keystr(p).endswith("['halo']")}
+    rows = {
+        jax.tree_util.keystr(p): a.shape[1] for p, a in leaves if jax.tree_util.keystr(p).endswith("['halo']")
+    }
     assert rows and {k: 1 if "downsamplers" in k else 2 for k in rows} == rows
 
 
@@ -147,8 +161,12 @@ def loop_structure(setup, steps, warmup, split_batch=True, mode="corrected_async
     """The real loop's traced program: per lax.scan of the shard_map body, (length, collectives by kind,
     kinds feeding the latents carried to the next step)."""
     unet, params, (latents, ehs, added), sched = setup
-    d = dj.Denoiser(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=8, split_batch=split_batch, mode=mode,
-                                          warmup_steps=warmup), sched, steps)
+    d = dj.Denoiser(
+        unet,
+        dj.DistriConfig(HEIGHT, WIDTH, devices=8, split_batch=split_batch, mode=mode, warmup_steps=warmup),
+        sched,
+        steps,
+    )
     body = shard_map_body(jax.make_jaxpr(d._run)(params, latents, ehs, added, jnp.float32(5.0)))
     scans = []
     for eqn in body.eqns:
@@ -162,8 +180,12 @@ def loop_structure(setup, steps, warmup, split_batch=True, mode="corrected_async
     return scans
 
 
-@pytest.mark.parametrize("steps, warmup, split_batch", [(5, 0, True), (5, 2, False), (4, 3, True), (3, 4, False)])
-def test_loop_runs_warmup_plus_one_synchronous_steps_then_displaced(setup, sync_counts, steps, warmup, split_batch):
+@pytest.mark.parametrize(
+    "steps, warmup, split_batch", [(5, 0, True), (5, 2, False), (4, 3, True), (3, 4, False)]
+)
+def test_loop_runs_warmup_plus_one_synchronous_steps_then_displaced(
+    setup, sync_counts, steps, warmup, split_batch
+):
     """Steps 0..warmup_steps consume every exchange of their own step; the rest only conv_in's halo and
     the guidance exchange (the reference's `counter <= warmup_steps`)."""
     scans = loop_structure(setup, steps, warmup, split_batch)
@@ -218,9 +240,12 @@ def test_displaced_layers_see_stale_neighbours_and_their_own_fresh_band():
         return tokens, padded, jax.tree.map(lambda a: a[None], state)
 
     stacked = P(PATCH)
-    tokens, padded, state = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(None, PATCH), P(None, PATCH)),
-                                                  out_specs=(stacked, stacked, stacked)))(x1, x2)
-    band = lambda x, i: np.asarray(x)[:, i * rows:(i + 1) * rows]
+    tokens, padded, state = jax.jit(
+        jax.shard_map(
+            run, mesh=mesh, in_specs=(P(None, PATCH), P(None, PATCH)), out_specs=(stacked, stacked, stacked)
+        )
+    )(x1, x2)
+    band = lambda x, i: np.asarray(x)[:, i * rows : (i + 1) * rows]
     flat = lambda x: x.reshape(x.shape[0], -1, x.shape[-1])
     zero_row = np.zeros((1, 1, 3, 2), np.float32)
     for i in range(bands):
@@ -228,7 +253,9 @@ def test_displaced_layers_see_stale_neighbours_and_their_own_fresh_band():
         np.testing.assert_array_equal(np.asarray(tokens)[i], flat(seen))
         above = band(x1, i - 1)[:, -1:] if i > 0 else zero_row
         below = band(x1, i + 1)[:, :1] if i < bands - 1 else zero_row
-        np.testing.assert_array_equal(np.asarray(padded)[i], np.concatenate([above, band(x2, i), below], axis=1))
+        np.testing.assert_array_equal(
+            np.asarray(padded)[i], np.concatenate([above, band(x2, i), below], axis=1)
+        )
         # what the next step will read: this step's exchange of x2
         np.testing.assert_array_equal(np.asarray(state["k"])[i], flat(np.asarray(x2)))
         above = band(x2, i - 1)[:, -1:] if i > 0 else zero_row

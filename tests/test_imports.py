@@ -1,7 +1,12 @@
 """Imports run one way: the package's modules form layers, with no cycle even through imports inside functions."""
 
 import ast
+import inspect
 from pathlib import Path
+
+from distrifusion_jax.nn.plan import LayerPlan
+from distrifusion_jax.parallel import PatchPlan
+from distrifusion_jax.tools.emulate import BandPlan
 
 PACKAGE = Path(__file__).parents[1] / "distrifusion_jax"
 
@@ -36,18 +41,30 @@ def imports(path: Path):
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     package = [p for p in package if p]
     tree = ast.parse(path.read_text())
-    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f)}
+    nested = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
             targets = [".".join(base + [a.name]) for a in node.names]
-            targets = [t if (PACKAGE / t.replace(".", "/")).with_suffix(".py").exists()
-                       or (PACKAGE / t.replace(".", "/")).is_dir() else ".".join(base) for t in targets]
+            targets = [
+                t
+                if (PACKAGE / t.replace(".", "/")).with_suffix(".py").exists()
+                or (PACKAGE / t.replace(".", "/")).is_dir()
+                else ".".join(base)
+                for t in targets
+            ]
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             module = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            targets = [m.removeprefix("distrifusion_jax").lstrip(".") for m in module
-                       if m == "distrifusion_jax" or m.startswith("distrifusion_jax.")]
+            targets = [
+                m.removeprefix("distrifusion_jax").lstrip(".")
+                for m in module
+                if m == "distrifusion_jax" or m.startswith("distrifusion_jax.")
+            ]
         else:
             continue
         for t in targets:
@@ -90,7 +107,7 @@ def find_cycle(edges: dict):
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -106,8 +123,12 @@ def test_no_cycle_even_through_function_level_imports():
 
 
 def test_function_level_imports_only_where_the_command_line_starts():
-    lazy = sorted(f"{name} imports {t} inside a function" for name, targets in graph().items()
-                  for t, inside in targets if inside and name.split(".")[0] not in LAZY)
+    lazy = sorted(
+        f"{name} imports {t} inside a function"
+        for name, targets in graph().items()
+        for t, inside in targets
+        if inside and name.split(".")[0] not in LAZY
+    )
     assert not lazy, "\n".join(lazy)
 
 
@@ -117,3 +138,13 @@ def test_the_checks_can_fail():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert layer("parallel.plan") < layer("denoise") and layer("models.unet") < layer("weights.unet")
     assert layer("tools.benchmark") > layer("pipeline")
+
+
+def test_plans_implement_the_layer_hooks():
+    """PatchPlan (and the tools' one-band plan) offer exactly the hooks nn/'s LayerPlan declares."""
+    hooks = [n for n, v in vars(LayerPlan).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert sorted(hooks) == ["group_norm_stats", "pad_rows", "self_attention_kv"]
+    for plan in (PatchPlan, BandPlan):
+        for hook in hooks:
+            params = list(inspect.signature(getattr(plan, hook)).parameters)
+            assert params == list(inspect.signature(getattr(LayerPlan, hook)).parameters), (plan, hook)

@@ -27,7 +27,14 @@ TOLERANCE = 1e-5  # max abs difference (images in [0, 1], latents of order 10) a
 # program on as many devices: the latents come out bitwise equal, the decode within ~1e-6
 WORKER = Path(__file__).with_name("multihost_worker.py")
 SUBPROCESS_TIMEOUT_S = 240
-LAUNCH_VARS = ("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "SLURM_", "OMPI_")
+LAUNCH_VARS = (
+    "JAX_COORDINATOR",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "JAX_LOCAL_DEVICE_IDS",
+    "SLURM_",
+    "OMPI_",
+)
 
 
 def free_port() -> int:
@@ -51,8 +58,9 @@ def tiny_pipeline(tmp_path_factory):
 
 def reference(model) -> dict:
     """The workers' runs in this process, on its 8 devices."""
-    pipe = DistriSDXLPipeline.from_pretrained(model, DistriConfig(height=W.HEIGHT, width=W.WIDTH), dtype=jnp.float32,
-                                              compilation_cache="off")
+    pipe = DistriSDXLPipeline.from_pretrained(
+        model, DistriConfig(height=W.HEIGHT, width=W.WIDTH), dtype=jnp.float32, compilation_cache="off"
+    )
     return {name: W.generate(pipe, name) for name in W.RUNS}
 
 
@@ -63,8 +71,16 @@ def run_workers(model, out: Path, logs: Path, n: int = 2):
     """
     port, env = free_port(), worker_env()
     files = [open(logs / f"worker{i}.log", "w+") for i in range(n)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(n), str(port), str(model), str(out)],
-                              stdout=f, stderr=subprocess.STDOUT, text=True, env=env) for i, f in enumerate(files)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(i), str(n), str(port), str(model), str(out)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i, f in enumerate(files)
+    ]
     try:
         ref = reference(model)
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
@@ -83,7 +99,7 @@ def run_workers(model, out: Path, logs: Path, n: int = 2):
 def report(log: str) -> dict:
     lines = [line for line in log.splitlines() if line.startswith("MULTIHOST ")]
     assert len(lines) == 1, log[-3000:]
-    return json.loads(lines[0][len("MULTIHOST "):])
+    return json.loads(lines[0][len("MULTIHOST ") :])
 
 
 @pytest.mark.slow
@@ -121,9 +137,30 @@ def test_unreachable_coordinator_fails_fast_in_one_line(tiny_pipeline):
     """Process 1 of 2 pointed at a port where nobody listens: exit status 2 and a one-line error in seconds."""
     address = f"127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "distrifusion_jax", "generate", "--model", str(tiny_pipeline),
-                        "--prompt", "x", "--coordinator", address, "--num-processes", "2", "--process-id", "1",
-                        "--init-timeout", "3"], capture_output=True, text=True, env=worker_env(), timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distrifusion_jax",
+            "generate",
+            "--model",
+            str(tiny_pipeline),
+            "--prompt",
+            "x",
+            "--coordinator",
+            address,
+            "--num-processes",
+            "2",
+            "--process-id",
+            "1",
+            "--init-timeout",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        timeout=120,
+    )
     elapsed = time.perf_counter() - t0
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2, r.stderr[-3000:]
@@ -133,14 +170,17 @@ def test_unreachable_coordinator_fails_fast_in_one_line(tiny_pipeline):
     print(f"failed in {elapsed:.1f} s: {last}")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(coordinator_address="localhost", num_processes=2, process_id=0), "is not HOST:PORT"),
-    (dict(coordinator_address="localhost:99999", num_processes=2, process_id=0), "is not HOST:PORT"),
-    (dict(coordinator_address="localhost:1234", num_processes=2, process_id=2), "distinct id 0..1"),
-    (dict(coordinator_address="localhost:1234", num_processes=0, process_id=0), "need at least 1"),
-    (dict(coordinator_address="localhost:1234", num_processes=2), "missing: process id"),
-    (dict(num_processes="two", process_id=0), "is not an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(coordinator_address="localhost", num_processes=2, process_id=0), "is not HOST:PORT"),
+        (dict(coordinator_address="localhost:99999", num_processes=2, process_id=0), "is not HOST:PORT"),
+        (dict(coordinator_address="localhost:1234", num_processes=2, process_id=2), "distinct id 0..1"),
+        (dict(coordinator_address="localhost:1234", num_processes=0, process_id=0), "need at least 1"),
+        (dict(coordinator_address="localhost:1234", num_processes=2), "missing: process id"),
+        (dict(num_processes="two", process_id=0), "is not an integer"),
+    ],
+)
 def test_initialize_rejects_bad_settings_in_one_line(monkeypatch, kwargs, message):
     for key in list(os.environ):
         if key.startswith(LAUNCH_VARS):
@@ -181,9 +221,16 @@ def test_slurm_supplies_what_is_missing(monkeypatch, tasks, nodes, local_ids):
     for key in list(os.environ):
         if key.startswith(LAUNCH_VARS):
             monkeypatch.delenv(key)
-    for key, value in dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="gpu[017-018]", SLURM_NTASKS=tasks,
-                           SLURM_STEP_NUM_TASKS=tasks, SLURM_STEP_NUM_NODES=nodes, SLURM_PROCID="1",
-                           SLURM_LOCALID="1", JAX_COORDINATOR_PORT="4567").items():
+    for key, value in dict(
+        SLURM_JOB_ID="4242",
+        SLURM_STEP_NODELIST="gpu[017-018]",
+        SLURM_NTASKS=tasks,
+        SLURM_STEP_NUM_TASKS=tasks,
+        SLURM_STEP_NUM_NODES=nodes,
+        SLURM_PROCID="1",
+        SLURM_LOCALID="1",
+        JAX_COORDINATOR_PORT="4567",
+    ).items():
         monkeypatch.setenv(key, value)
     assert distributed._cluster() is not None
     assert distributed._from_cluster(None, None, None, None, 5) == ("gpu017:4567", int(tasks), 1, local_ids)

@@ -1,6 +1,5 @@
 """Displaced patch parallelism: exactness of synchronous steps, displaced accuracy, structure, errors."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,8 +60,9 @@ def test_naive_patch_schemes_run(setup, scheme):
 def step_pair(setup, mode, devices=4, split_batch=True):
     """One synchronous step, then one displaced step, both under shard_map: (eps_sync, eps_displaced)."""
     unet, params, (latents, ehs, added), sched = setup
-    d = dj.Denoiser(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=devices, split_batch=split_batch, mode=mode),
-                    sched, 4)
+    d = dj.Denoiser(
+        unet, dj.DistriConfig(HEIGHT, WIDTH, devices=devices, split_batch=split_batch, mode=mode), sched, 4
+    )
     sync, disp = d.model(PatchPlan("sync", mode)), d.model(PatchPlan("displaced", mode))
     t = jnp.float32(500.0)
 
@@ -72,8 +72,14 @@ def step_pair(setup, mode, devices=4, split_batch=True):
         return eps_sync, eps_disp
 
     batch = P(CFG) if d.cfg_size == 2 else P()
-    sharded = jax.jit(jax.shard_map(f, mesh=d.mesh, in_specs=(P(), P(None, PATCH), P(None, PATCH), batch, batch),
-                                    out_specs=(P(None, PATCH), P(None, PATCH))))
+    sharded = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=d.mesh,
+            in_specs=(P(), P(None, PATCH), P(None, PATCH), batch, batch),
+            out_specs=(P(None, PATCH), P(None, PATCH)),
+        )
+    )
     return d, lambda x1, x2: [np.asarray(a) for a in sharded(params, x1, x2, ehs, added)]
 
 
@@ -115,8 +121,12 @@ def test_displaced_prediction_uses_no_collective_of_its_own_step(setup):
             state = d.initial_stale(sync, params, x, ehs, added)
             return d.eps(m, params, state, x, jnp.float32(1.0), ehs, added)
 
-        sharded = jax.shard_map(f, mesh=d.mesh, in_specs=(P(), P(None, PATCH), P(CFG), P(CFG)),
-                                out_specs=(P(None, PATCH), P(CFG, PATCH)))
+        sharded = jax.shard_map(
+            f,
+            mesh=d.mesh,
+            in_specs=(P(), P(None, PATCH), P(CFG), P(CFG)),
+            out_specs=(P(None, PATCH), P(CFG, PATCH)),
+        )
         body = shard_map_body(jax.make_jaxpr(sharded)(params, latents, ehs, added))
         found = []
         out = output_taints(body, [frozenset()] * len(body.invars), found)
@@ -149,8 +159,10 @@ def test_single_device_loop_equals_diffusers_ddim_loop(tmp_path):
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((1, 4, 16, 24)).astype(np.float32)
     ehs = rng.standard_normal((2, 7, 8)).astype(np.float32)
-    added = {"text_embeds": rng.standard_normal((2, 8)).astype(np.float32),
-             "time_ids": np.array([[128.0, 192.0, 0.0]] * 2, np.float32)}
+    added = {
+        "text_embeds": rng.standard_normal((2, 8)).astype(np.float32),
+        "time_ids": np.array([[128.0, 192.0, 0.0]] * 2, np.float32),
+    }
     steps, scale = 6, 5.0
     ref = torch.from_numpy(latents)
     sched = DDIMScheduler.from_config(config)
@@ -158,12 +170,21 @@ def test_single_device_loop_equals_diffusers_ddim_loop(tmp_path):
     with torch.no_grad():
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([ref, ref]), t)
-            out = model(inp, t, torch.from_numpy(ehs),
-                        added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample
+            out = model(
+                inp,
+                t,
+                torch.from_numpy(ehs),
+                added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()},
+            ).sample
             u, c = out.chunk(2)
             ref = sched.step(u + scale * (c - u), t, ref).prev_sample
-    denoise = dj.make_denoise_fn(unet, dj.DistriConfig(128, 192, devices=1), dj.make_scheduler("ddim", config),
-                                 num_inference_steps=steps, guidance_scale=scale)
+    denoise = dj.make_denoise_fn(
+        unet,
+        dj.DistriConfig(128, 192, devices=1),
+        dj.make_scheduler("ddim", config),
+        num_inference_steps=steps,
+        guidance_scale=scale,
+    )
     ours = np.asarray(denoise(params, latents.transpose(0, 2, 3, 1), ehs, added)).transpose(0, 3, 1, 2)
     err = rel_l2(ours, ref.numpy())
     print(f"single-device DDIM loop vs diffusers: relative L2 {err:.1e}")
@@ -184,13 +205,16 @@ def test_second_call_does_not_recompile(setup):
 
 
 # ---- bad configurations ----
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="async"), "unknown mode 'async': use one of 'corrected_async_gn'"),
-    (dict(parallelism="pipeline"), "unknown parallelism 'pipeline'"),
-    (dict(parallelism="naive_patch", split_scheme="diagonal"), "unknown split_scheme 'diagonal'"),
-    (dict(height=1001), "height=1001 must be a positive multiple of 8"),
-    (dict(warmup_steps=-1), "warmup_steps=-1 must be an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="async"), "unknown mode 'async': use one of 'corrected_async_gn'"),
+        (dict(parallelism="pipeline"), "unknown parallelism 'pipeline'"),
+        (dict(parallelism="naive_patch", split_scheme="diagonal"), "unknown split_scheme 'diagonal'"),
+        (dict(height=1001), "height=1001 must be a positive multiple of 8"),
+        (dict(warmup_steps=-1), "warmup_steps=-1 must be an int >= 0"),
+    ],
+)
 def test_bad_distri_config(kwargs, message):
     with pytest.raises(dj.ConfigError, match=message):
         dj.DistriConfig(**kwargs)
@@ -200,8 +224,11 @@ def test_bad_layouts(setup):
     unet, _, _, sched = setup
     with pytest.raises(dj.ConfigError, match="CFG split needs an even number of devices, got 3"):
         dj.make_denoise_fn(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=3), sched, 2)
-    with pytest.raises(dj.ConfigError, match=r"height=136 does not split into 4 patches.*multiple of 64 "
-                                             r"\(e.g. 128 or 192\)"):
+    with pytest.raises(
+        dj.ConfigError,
+        match=r"height=136 does not split into 4 patches.*multiple of 64 "
+        r"\(e.g. 128 or 192\)",
+    ):
         dj.make_denoise_fn(unet, dj.DistriConfig(136, WIDTH, devices=4, split_batch=False), sched, 2)
     with pytest.raises(dj.ConfigError, match="devices=16 but JAX sees 8"):
         dj.make_denoise_fn(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=16), sched, 2)
@@ -215,8 +242,11 @@ def test_latents_must_match_the_config(setup):
     with pytest.raises(dj.DistriFusionError, match="latents are 16x24 but the DistriConfig is for 256x256"):
         denoise(params, latents, ehs, added)
     denoise = dj.make_denoise_fn(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=2), sched, 2)
-    with pytest.raises(dj.DistriFusionError, match=r"channels first \(NCHW\); this loop takes NHWC \[batch, 16, 24, 4\]"
-                                                   r": pass latents.transpose\(0, 2, 3, 1\)"):
+    with pytest.raises(
+        dj.DistriFusionError,
+        match=r"channels first \(NCHW\); this loop takes NHWC \[batch, 16, 24, 4\]"
+        r": pass latents.transpose\(0, 2, 3, 1\)",
+    ):
         denoise(params, latents.transpose(0, 3, 1, 2), ehs, added)
     with pytest.raises(dj.DistriFusionError, match="expected NHWC"):
         denoise(params, latents[0], ehs, added)

@@ -1,6 +1,8 @@
 """The README's commands are the ones CI and users run."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -36,3 +38,10 @@ def test_architecture_map_matches_the_tree():
     for package in (ROOT / "distrifusion_jax").iterdir():
         if package.is_dir() and (package / "__init__.py").exists():
             assert any(n.startswith(str(package.relative_to(ROOT))) for n in named), package.name
+
+
+def test_code_is_formatted_and_linted():
+    """ruff (configured in pyproject.toml: line length 110, pyflakes, pycodestyle, import order) finds nothing."""
+    for args in (["format", "--check", "."], ["check", "."]):
+        run = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, f"ruff {' '.join(args)}:\n{run.stdout}{run.stderr}"

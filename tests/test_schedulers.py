@@ -20,23 +20,38 @@ from distrifusion_jax.schedulers import SCHEDULERS, make_scheduler, scheduler_fr
 # <= 1.5e-6 except where CASE_RTOL says).
 RTOL = 1e-5
 
-SDXL = json.loads(resources.files("distrifusion_jax").joinpath(
-    "configs", "sdxl-base-1.0", "scheduler", "scheduler_config.json").read_text())
+SDXL = json.loads(
+    resources.files("distrifusion_jax")
+    .joinpath("configs", "sdxl-base-1.0", "scheduler", "scheduler_config.json")
+    .read_text()
+)
 SDXL_BRIEF = {**SDXL, "clip_sample": False, "trained_betas": None}  # the config as published on the Hub
 TORCH = {"ddim": TorchDDIM, "euler": TorchEuler, "dpm-solver": TorchDPM}
 SHAPE = (2, 8, 8, 4)  # (batch, rows, cols, channels); the fake model is elementwise so layout is immaterial
 STEPS = (10, 50)  # 50 >= 15 and 10 < 15: both sides of DPM-Solver's lower_order_final switch
-BASE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-SPACING_VARIANTS = {f"{s}-offset{o}-{p}": dict(timestep_spacing=s, steps_offset=o, prediction_type=p)
-                    for s in ("leading", "trailing", "linspace") for o in (0, 1) for p in ("epsilon", "v_prediction")}
+BASE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+SPACING_VARIANTS = {
+    f"{s}-offset{o}-{p}": dict(timestep_spacing=s, steps_offset=o, prediction_type=p)
+    for s in ("leading", "trailing", "linspace")
+    for o in (0, 1)
+    for p in ("epsilon", "v_prediction")
+}
 ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
 SDXL_CASES = {"sdxl-repo": SDXL, "sdxl-hub": SDXL_BRIEF}
 
 # Every case is a diffusers config dict; SDXL's Euler config is also read by DDIM and DPM-Solver.
 CASES = {
     "ddim": {
-        **{f"{k}-alpha1{a}": {**BASE, **v, "clip_sample": False, "set_alpha_to_one": a}
-           for k, v in SPACING_VARIANTS.items() for a in (False, True)},
+        **{
+            f"{k}-alpha1{a}": {**BASE, **v, "clip_sample": False, "set_alpha_to_one": a}
+            for k, v in SPACING_VARIANTS.items()
+            for a in (False, True)
+        },
         **SDXL_CASES,
         "linear": {"_class_name": "DDIMScheduler", "beta_schedule": "linear"},
         "cosine-sample": {**BASE, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample"},
@@ -48,8 +63,13 @@ CASES = {
         **{k: {**BASE, **v} for k, v in SPACING_VARIANTS.items()},
         **SDXL_CASES,
         "karras": {**BASE, "use_karras_sigmas": True},
-        "karras-minmax": {**BASE, "use_karras_sigmas": True, "timestep_spacing": "leading", "sigma_min": 0.05,
-                          "sigma_max": 10.0},
+        "karras-minmax": {
+            **BASE,
+            "use_karras_sigmas": True,
+            "timestep_spacing": "leading",
+            "sigma_min": 0.05,
+            "sigma_max": 10.0,
+        },
         "log-linear": {**BASE, "interpolation_type": "log_linear"},
         "sigma-min-sample": {**BASE, "final_sigmas_type": "sigma_min", "prediction_type": "sample"},
         "zero-snr": {**BASE, **ZERO_SNR},
@@ -64,8 +84,12 @@ CASES = {
         "euler-final": {**BASE, "euler_at_final": True, "final_sigmas_type": "sigma_min"},
         "heun": {**BASE, "solver_type": "heun"},
         "order1": {**BASE, "solver_order": 1},
-        "deis-sample": {**BASE, "algorithm_type": "deis", "final_sigmas_type": "sigma_min",
-                        "prediction_type": "sample"},
+        "deis-sample": {
+            **BASE,
+            "algorithm_type": "deis",
+            "final_sigmas_type": "sigma_min",
+            "prediction_type": "sample",
+        },
         "zero-snr": {**BASE, **ZERO_SNR},
         "cosine-clipped": {**BASE, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
     },
@@ -177,8 +201,9 @@ def _whole_and_banded(scheds, n, latents, noise):
         def run(x, nz, sched=sched, coefs=coefs):
             return denoise(sched, sched.init(n, x), x, nz, coefs)
 
-        banded = jax.shard_map(run, mesh=mesh, in_specs=(rows, rows),
-                               out_specs=jax.sharding.PartitionSpec(None, None, "rows"))(x0, noise)
+        banded = jax.shard_map(
+            run, mesh=mesh, in_specs=(rows, rows), out_specs=jax.sharding.PartitionSpec(None, None, "rows")
+        )(x0, noise)
         out.append((run(x0, noise), banded))
     return out
 
@@ -187,7 +212,9 @@ def test_step_is_elementwise_over_row_bands():
     # The scheduler must never mix pixels: run on each device's row band it equals the whole-sample run.
     scheds = tuple(make_scheduler(name, SDXL) for name in ("ddim", "euler", "dpm-solver"))
     latents, noise = _inputs((2, ROWS, 8, 4))
-    for sched, (whole, banded) in zip(scheds, _whole_and_banded(scheds, 6, jnp.asarray(latents), jnp.asarray(noise))):
+    for sched, (whole, banded) in zip(
+        scheds, _whole_and_banded(scheds, 6, jnp.asarray(latents), jnp.asarray(noise))
+    ):
         assert banded.shape == whole.shape == (6, 2, ROWS, 8, 4)
         np.testing.assert_array_equal(np.asarray(banded), np.asarray(whole), err_msg=sched.name)
 
@@ -200,35 +227,62 @@ def test_make_scheduler_and_from_config():
     # Hashable and comparable: a static argument of jit.
     assert hash(make_scheduler("ddim", SDXL)) == hash(make_scheduler("ddim", dict(SDXL)))
     # `_use_default_values` keys fall back to the scheduler's own defaults, as in diffusers.
-    sched = make_scheduler("ddim", {**SDXL, "_use_default_values": ["timestep_spacing"], "timestep_spacing": "x"})
+    sched = make_scheduler(
+        "ddim", {**SDXL, "_use_default_values": ["timestep_spacing"], "timestep_spacing": "x"}
+    )
     assert sched.timestep_spacing == "leading"
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: make_scheduler("pndm", SDXL), "unknown scheduler 'pndm'.*'ddim'"),
-    (lambda: scheduler_from_config({**SDXL, "_class_name": "PNDMScheduler"}), "_class_name='PNDMScheduler'"),
-    (lambda: scheduler_from_config({"beta_schedule": "linear"}), "_class_name=None"),
-    (lambda: make_scheduler("ddim", {**SDXL, "thresholding": True}), "thresholding=True"),
-    (lambda: make_scheduler("ddim", {**SDXL, "timestep_spacing": "middle"}), "timestep_spacing='middle'"),
-    (lambda: make_scheduler("euler", {**SDXL, "beta_schedule": "sigmoid"}), "beta_schedule='sigmoid'"),
-    (lambda: make_scheduler("euler", {**SDXL, "prediction_type": "flow_prediction"}), "prediction_type="),
-    (lambda: make_scheduler("euler", {**SDXL, "use_exponential_sigmas": True}), "use_exponential_sigmas=True"),
-    (lambda: make_scheduler("euler", {**SDXL, "interpolation_type": "cubic"}), "interpolation_type='cubic'"),
-    (lambda: make_scheduler("euler", {**SDXL, "prediction_type": "v_prediction", "timestep_type": "continuous"}),
-     "timestep_type='continuous'"),
-    (lambda: make_scheduler("dpm-solver", {**SDXL, "algorithm_type": "sde-dpmsolver++"}), "algorithm_type="),
-    (lambda: make_scheduler("dpm-solver", {**SDXL, "solver_order": 3}), "solver_order=3"),
-    (lambda: make_scheduler("dpm-solver", {**SDXL, "use_lu_lambdas": True}), "use_lu_lambdas=True"),
-    (lambda: make_scheduler("dpm-solver", {**SDXL, "final_sigmas_type": "one"}), "final_sigmas_type='one'"),
-    (lambda: make_scheduler("dpm-solver", {**SDXL, "algorithm_type": "deis"}), "final_sigmas_type='zero'"),
-    (lambda: make_scheduler("dpm-solver", {**SDXL, "thresholding": True}), "thresholding=True"),
-    (lambda: make_scheduler("ddim", {**SDXL, "prediction_type": "flow_prediction"}), "prediction_type="),
-    (lambda: make_scheduler("ddim", [("beta_schedule", "linear")]), "must be a dict"),
-    (lambda: make_scheduler("ddim", {**SDXL, "num_train_timesteps": "1000"}), "num_train_timesteps="),
-    (lambda: make_scheduler("ddim", {**SDXL, "trained_betas": [0.1, 0.2]}), "trained_betas"),
-    (lambda: make_scheduler("ddim", SDXL).timesteps(1001), "num_inference_steps=1001"),
-    (lambda: make_scheduler("euler", SDXL).init(0, jnp.zeros(2)), "num_inference_steps=0"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: make_scheduler("pndm", SDXL), "unknown scheduler 'pndm'.*'ddim'"),
+        (
+            lambda: scheduler_from_config({**SDXL, "_class_name": "PNDMScheduler"}),
+            "_class_name='PNDMScheduler'",
+        ),
+        (lambda: scheduler_from_config({"beta_schedule": "linear"}), "_class_name=None"),
+        (lambda: make_scheduler("ddim", {**SDXL, "thresholding": True}), "thresholding=True"),
+        (lambda: make_scheduler("ddim", {**SDXL, "timestep_spacing": "middle"}), "timestep_spacing='middle'"),
+        (lambda: make_scheduler("euler", {**SDXL, "beta_schedule": "sigmoid"}), "beta_schedule='sigmoid'"),
+        (lambda: make_scheduler("euler", {**SDXL, "prediction_type": "flow_prediction"}), "prediction_type="),
+        (
+            lambda: make_scheduler("euler", {**SDXL, "use_exponential_sigmas": True}),
+            "use_exponential_sigmas=True",
+        ),
+        (
+            lambda: make_scheduler("euler", {**SDXL, "interpolation_type": "cubic"}),
+            "interpolation_type='cubic'",
+        ),
+        (
+            lambda: make_scheduler(
+                "euler", {**SDXL, "prediction_type": "v_prediction", "timestep_type": "continuous"}
+            ),
+            "timestep_type='continuous'",
+        ),
+        (
+            lambda: make_scheduler("dpm-solver", {**SDXL, "algorithm_type": "sde-dpmsolver++"}),
+            "algorithm_type=",
+        ),
+        (lambda: make_scheduler("dpm-solver", {**SDXL, "solver_order": 3}), "solver_order=3"),
+        (lambda: make_scheduler("dpm-solver", {**SDXL, "use_lu_lambdas": True}), "use_lu_lambdas=True"),
+        (
+            lambda: make_scheduler("dpm-solver", {**SDXL, "final_sigmas_type": "one"}),
+            "final_sigmas_type='one'",
+        ),
+        (
+            lambda: make_scheduler("dpm-solver", {**SDXL, "algorithm_type": "deis"}),
+            "final_sigmas_type='zero'",
+        ),
+        (lambda: make_scheduler("dpm-solver", {**SDXL, "thresholding": True}), "thresholding=True"),
+        (lambda: make_scheduler("ddim", {**SDXL, "prediction_type": "flow_prediction"}), "prediction_type="),
+        (lambda: make_scheduler("ddim", [("beta_schedule", "linear")]), "must be a dict"),
+        (lambda: make_scheduler("ddim", {**SDXL, "num_train_timesteps": "1000"}), "num_train_timesteps="),
+        (lambda: make_scheduler("ddim", {**SDXL, "trained_betas": [0.1, 0.2]}), "trained_betas"),
+        (lambda: make_scheduler("ddim", SDXL).timesteps(1001), "num_inference_steps=1001"),
+        (lambda: make_scheduler("euler", SDXL).init(0, jnp.zeros(2)), "num_inference_steps=0"),
+    ],
+)
 def test_config_errors(call, match):
     with pytest.raises(ConfigError, match=match):
         call()

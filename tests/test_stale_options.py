@@ -53,7 +53,9 @@ def test_displaced_run_is_as_accurate_as_the_default(setup, name):
     default = run(setup, 10, devices=8, warmup_steps=2)
     out = run(setup, 10, devices=8, warmup_steps=2, **OPTIONS[name])
     base, err, vs_default = rel_l2(default, single), rel_l2(out, single), rel_l2(out, default)
-    print(f"{name}: displaced vs one device {err:.4f} (default {base:.4f}), vs default displaced {vs_default:.1e}")
+    print(
+        f"{name}: displaced vs one device {err:.4f} (default {base:.4f}), vs default displaced {vs_default:.1e}"
+    )
     assert np.isfinite(out).all()
     assert err <= 1.5 * base
     assert vs_default <= 0.1 * base
@@ -65,8 +67,12 @@ def state_shapes(**options):
     unet, params = A.abstract_model(config, "float32")
     case = A.Case(config, HEIGHT, WIDTH, 8, True, "float32", **options)
     d, (lat, ehs, added) = A.make_denoiser(unet, case), A.abstract_inputs(case)
-    init = jax.shard_map(lambda p, x, e, a: d.initial_stale(d.model(d.plan("sync")), p, x, e, a), mesh=d.mesh,
-                         in_specs=(P(), P(None, PATCH), P(CFG), P(CFG)), out_specs=P((CFG, PATCH)))
+    init = jax.shard_map(
+        lambda p, x, e, a: d.initial_stale(d.model(d.plan("sync")), p, x, e, a),
+        mesh=d.mesh,
+        in_specs=(P(), P(None, PATCH), P(CFG), P(CFG)),
+        out_specs=P((CFG, PATCH)),
+    )
     return state_by_kind(jax.eval_shape(init, params, lat, ehs, added))
 
 
@@ -78,17 +84,25 @@ def test_state_shrinks_by_the_expected_factors():
     elements = sum(a.size for a in kv)
     scales = sum(a.size // a.shape[-1] for a in kv) * 4  # one float32 per token and head
     tokens = sum(a.size // a.shape[-1] // a.shape[-2] for a in kv) // 2  # of one of k, v per layer
-    expected = {"bf16": 2 * elements, "fp8": elements + scales, "int8": elements + scales, "hidden": 2 * elements,
-                "hidden+int8": elements // 2 + 4 * tokens}  # C = N Hd int8 + one float32 scale per token
+    expected = {
+        "bf16": 2 * elements,
+        "fp8": elements + scales,
+        "int8": elements + scales,
+        "hidden": 2 * elements,
+        "hidden+int8": elements // 2 + 4 * tokens,
+    }  # C = N Hd int8 + one float32 scale per token
     rows = []
     for name, options in OPTIONS.items():
         state = state_shapes(**options)
-        assert {k: size(v) for k, v in state.items() if k != "kv"} == {k: size(v) for k, v in default.items()
-                                                                       if k != "kv"}
+        assert {k: size(v) for k, v in state.items() if k != "kv"} == {
+            k: size(v) for k, v in default.items() if k != "kv"
+        }
         rows.append((name, size(state["kv"]), size(state["kv"]) / size(kv)))
         assert size(state["kv"]) == expected[name], name
-    print("stale K/V bytes (float32 default {}): ".format(size(kv))
-          + ", ".join(f"{n} {b} ({r:.3f}x)" for n, b, r in rows))
+    print(
+        "stale K/V bytes (float32 default {}): ".format(size(kv))
+        + ", ".join(f"{n} {b} ({r:.3f}x)" for n, b, r in rows)
+    )
     ratio = dict((n, r) for n, _, r in rows)
     assert ratio["bf16"] == ratio["hidden"] == 0.5
     assert ratio["int8"] <= 0.4 and ratio["hidden+int8"] <= 0.2  # head_dim 8 here; SDXL's 64: 0.266, 0.127
@@ -104,20 +118,29 @@ def test_hidden_state_leaves():
 def test_displaced_prediction_uses_no_collective_of_its_own_step(setup):
     """As tests/test_patch_parallel.py checks for the default: the hidden / int8 exchanges feed only the state."""
     unet, params, (latents, ehs, added), sched = setup
-    d = dj.Denoiser(unet, dj.DistriConfig(HEIGHT, WIDTH, devices=8, stale_kv="hidden", stale_kv_dtype="int8"),
-                    sched, 4)
+    d = dj.Denoiser(
+        unet, dj.DistriConfig(HEIGHT, WIDTH, devices=8, stale_kv="hidden", stale_kv_dtype="int8"), sched, 4
+    )
     sync, disp = d.model(d.plan("sync")), d.model(d.plan("displaced"))
 
     def f(params, x, ehs, added):
-        return d.eps(disp, params, d.initial_stale(sync, params, x, ehs, added), x, jnp.float32(1.0), ehs, added)
+        return d.eps(
+            disp, params, d.initial_stale(sync, params, x, ehs, added), x, jnp.float32(1.0), ehs, added
+        )
 
-    sharded = jax.shard_map(f, mesh=d.mesh, in_specs=(P(), P(None, PATCH), P(CFG), P(CFG)),
-                            out_specs=(P(None, PATCH), P(CFG, PATCH)))
+    sharded = jax.shard_map(
+        f,
+        mesh=d.mesh,
+        in_specs=(P(), P(None, PATCH), P(CFG), P(CFG)),
+        out_specs=(P(None, PATCH), P(CFG, PATCH)),
+    )
     body = shard_map_body(jax.make_jaxpr(sharded)(params, latents, ehs, added))
     found = []
     out = output_taints(body, [frozenset()] * len(body.invars), found)
     names = sorted(e.primitive.name for e in found if id(e) in out[0])
-    assert names == ["all_gather_invariant", "ppermute", "ppermute"], names  # conv_in's halo, the CFG exchange
+    assert names == ["all_gather_invariant", "ppermute", "ppermute"], (
+        names
+    )  # conv_in's halo, the CFG exchange
     gathered = [e for e in found if e.primitive.name == "all_gather" and e.invars[0].aval.dtype == jnp.int8]
     assert gathered and all(e.invars[0].aval.ndim == 3 for e in gathered)  # int8 hidden tokens on the wire
 
@@ -133,17 +156,20 @@ def test_encode_decode_round_trip(dtype):
     y = compress.decode(values, scale, jnp.float32)
     assert np.all(np.asarray(y[0, 0]) == 0)
     # relative to each token's absmax: unit roundoff of bf16 2^-8 and e4m3 2^-4, int8 half a step of 1/127
-    bound = {"bfloat16": 2 ** -8, "float8_e4m3fn": 2 ** -4, "int8": 0.5 / 127 + 1e-6}[dtype]
+    bound = {"bfloat16": 2**-8, "float8_e4m3fn": 2**-4, "int8": 0.5 / 127 + 1e-6}[dtype]
     err = np.abs(np.asarray(y - x)) / np.maximum(np.abs(np.asarray(x)).max(-1, keepdims=True), 1e-30)
     print(f"{dtype}: max error / token absmax {err.max():.2e}")
     assert err.max() <= bound
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(stale_kv="qkv"), "unknown stale_kv 'qkv': use one of 'kv', 'hidden'"),
-    (dict(stale_kv_dtype="float16"), "unknown stale_kv_dtype 'float16': use one of None, 'bfloat16'"),
-    (dict(stale_kv_dtype=jnp.int8), "stale_kv_dtype=.* must be given by name"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(stale_kv="qkv"), "unknown stale_kv 'qkv': use one of 'kv', 'hidden'"),
+        (dict(stale_kv_dtype="float16"), "unknown stale_kv_dtype 'float16': use one of None, 'bfloat16'"),
+        (dict(stale_kv_dtype=jnp.int8), "stale_kv_dtype=.* must be given by name"),
+    ],
+)
 def test_bad_options(kwargs, message):
     with pytest.raises(dj.ConfigError, match=message):
         dj.DistriConfig(**kwargs)

@@ -20,9 +20,9 @@ EXACT = 1e-5  # float32 relative L2 tolerance vs one device
 # resnets when 4 groups divide, attn1 + attn2 when 2 heads divide, the feed-forward when 64 divides.
 CASES = {
     (2, False): (2, 8 + 4 * 2 + 4),  # everything split
-    (4, True): (2, 8 + 4 * 2 + 4),   # CFG halves, each split in 2
-    (8, True): (4, 8 + 4),           # attention replicated (2 heads over 4)
-    (8, False): (8, 4),              # only the feed-forwards split (groups and heads replicated)
+    (4, True): (2, 8 + 4 * 2 + 4),  # CFG halves, each split in 2
+    (8, True): (4, 8 + 4),  # attention replicated (2 heads over 4)
+    (8, False): (8, 4),  # only the feed-forwards split (groups and heads replicated)
 }
 
 
@@ -47,7 +47,9 @@ def run(setup, **config):
 def collectives(d) -> dict:
     """Collective op name -> count in the compiled program of a denoiser."""
     hlo = next(iter(d._executables.values())).as_text()
-    ops = re.findall(r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+    ops = re.findall(
+        r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo
+    )
     return {op: ops.count(op) for op in set(ops)}
 
 
@@ -59,8 +61,10 @@ def test_tensor_parallel_equals_single_device(setup, devices, split_batch):
     assert d.tensor.size == size and d.mesh is None
     err = rel_l2(out, single)
     ops = collectives(d)
-    print(f"tensor on {devices} devices (split_batch={split_batch}, {d.cfg_size} x {size}): relative L2 "
-          f"{err:.1e}; collectives {ops}")
+    print(
+        f"tensor on {devices} devices (split_batch={split_batch}, {d.cfg_size} x {size}): relative L2 "
+        f"{err:.1e}; collectives {ops}"
+    )
     assert err <= EXACT
     # one all-reduce per split layer pair, and only the CFG output gather besides
     assert ops.pop("all-reduce") == all_reduces
@@ -79,14 +83,21 @@ def test_parameters_are_split(setup):
     res = "mid_block/resnets_0/"
 
     p = flat(run(setup, devices=2, split_batch=False, parallelism="tensor")[0])  # 2 per branch: all split
-    expect = {attn + "to_q/kernel": (P(None, TENSOR), (16, 8)), attn + "to_out_0/kernel": (P(TENSOR, None), (8, 16)),
-              attn + "to_out_0/bias": (P(), (16,)),
-              ff + "net_0/proj/kernel": (P(None, None, TENSOR), (16, 2, 32)),  # [D, hidden | gate, I]
-              ff + "net_0/proj/bias": (P(None, TENSOR), (2, 32)), ff + "net_2/kernel": (P(TENSOR, None), (32, 16)),
-              res + "conv1/kernel": (P(None, None, None, TENSOR), (3, 3, 16, 8)),
-              res + "time_emb_proj/kernel": (P(None, TENSOR), (32, 8)), res + "norm2/scale": (P(TENSOR), (8,)),
-              res + "conv2/kernel": (P(None, None, TENSOR, None), (3, 3, 8, 16)), res + "conv2/bias": (P(), (16,)),
-              "conv_in/kernel": (P(), (3, 3, 4, 8)), "time_embedding/linear_1/kernel": (P(), (8, 32))}
+    expect = {
+        attn + "to_q/kernel": (P(None, TENSOR), (16, 8)),
+        attn + "to_out_0/kernel": (P(TENSOR, None), (8, 16)),
+        attn + "to_out_0/bias": (P(), (16,)),
+        ff + "net_0/proj/kernel": (P(None, None, TENSOR), (16, 2, 32)),  # [D, hidden | gate, I]
+        ff + "net_0/proj/bias": (P(None, TENSOR), (2, 32)),
+        ff + "net_2/kernel": (P(TENSOR, None), (32, 16)),
+        res + "conv1/kernel": (P(None, None, None, TENSOR), (3, 3, 16, 8)),
+        res + "time_emb_proj/kernel": (P(None, TENSOR), (32, 8)),
+        res + "norm2/scale": (P(TENSOR), (8,)),
+        res + "conv2/kernel": (P(None, None, TENSOR, None), (3, 3, 8, 16)),
+        res + "conv2/bias": (P(), (16,)),
+        "conv_in/kernel": (P(), (3, 3, 4, 8)),
+        "time_embedding/linear_1/kernel": (P(), (8, 32)),
+    }
     for path, (spec, shape) in expect.items():
         assert (p[path].sharding.spec, shard_shape(p[path])) == (spec, shape), path
 
@@ -108,12 +119,18 @@ def test_second_call_reuses_placement_and_program(setup):
 
 
 # ---- configurations ----
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(devices=3), "CFG split needs an even number of devices, got 3"),
-    (dict(devices=3, split_batch=False), "tensor parallelism over 3 devices per guidance branch splits nothing"),
-    (dict(devices=6), "tensor parallelism over 3 devices per guidance branch splits nothing"),
-    (dict(devices=16), "devices=16 but JAX sees 8"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(devices=3), "CFG split needs an even number of devices, got 3"),
+        (
+            dict(devices=3, split_batch=False),
+            "tensor parallelism over 3 devices per guidance branch splits nothing",
+        ),
+        (dict(devices=6), "tensor parallelism over 3 devices per guidance branch splits nothing"),
+        (dict(devices=16), "devices=16 but JAX sees 8"),
+    ],
+)
 def test_bad_layouts(setup, kwargs, message):
     unet, _, _, sched = setup
     with pytest.raises(dj.ConfigError, match=message):
@@ -130,5 +147,7 @@ def test_image_size_is_not_constrained_by_the_device_count(setup):
     unet, _, _, sched = setup
     with pytest.raises(dj.ConfigError, match="does not split into 4 patches"):
         dj.Denoiser(unet, dj.DistriConfig(80, WIDTH, devices=4, split_batch=False), sched, 2)
-    d = dj.Denoiser(unet, dj.DistriConfig(80, WIDTH, devices=4, split_batch=False, parallelism="tensor"), sched, 2)
+    d = dj.Denoiser(
+        unet, dj.DistriConfig(80, WIDTH, devices=4, split_batch=False, parallelism="tensor"), sched, 2
+    )
     assert isinstance(d.tensor, TensorPlan) and d.tensor.size == 4

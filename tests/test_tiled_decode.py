@@ -23,16 +23,20 @@ from distrifusion_jax.models.vae import AutoencoderKL
 from distrifusion_jax.tools.random_pipeline import random_params_of
 
 
-@pytest.mark.parametrize("height,tile,overlap", [(40, 16, 4), (37, 16, 5), (64, 64, 16), (20, 64, 16), (33, 8, 0)])
+@pytest.mark.parametrize(
+    "height,tile,overlap", [(40, 16, 4), (37, 16, 5), (64, 64, 16), (20, 64, 16), (33, 8, 0)]
+)
 def test_tiles_cover_every_row_and_weights_sum_to_one(height, tile, overlap):
     tile = min(tile, height)
     starts = tile_starts(height, tile, overlap)
     assert starts[0] == 0 and starts[-1] == height - tile
-    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap rows
+    assert all(
+        b - a <= tile - overlap for a, b in zip(starts, starts[1:])
+    )  # neighbours share >= overlap rows
     w = blend_weights(starts, tile, height, 8)
     total = np.zeros(8 * height)
     for i, s in enumerate(starts):
-        total[8 * s: 8 * s + 8 * tile] += w[i]
+        total[8 * s : 8 * s + 8 * tile] += w[i]
     np.testing.assert_allclose(total, 1.0, rtol=1e-6)
     assert (w >= 0).all()
 
@@ -69,20 +73,25 @@ def test_tiled_decode_approximates_whole_decode():
     assert out.shape == whole.shape and np.isfinite(out).all()
     decode = lambda t: vae.apply({"params": params}, t, method=vae.decode)
     small = np.asarray(jax.jit(lambda z: tiled(decode, z, 4, 1, 8))(z))
-    print(f"tiled decode vs whole decode: PSNR {psnr(out, whole):.1f} dB with tiles of {MIN_TILE_ROWS} latent rows "
-          f"(overlap {MIN_TILE_ROWS // 4}), {psnr(small, whole):.1f} dB with 4 (overlap 1)")
+    print(
+        f"tiled decode vs whole decode: PSNR {psnr(out, whole):.1f} dB with tiles of {MIN_TILE_ROWS} latent rows "
+        f"(overlap {MIN_TILE_ROWS // 4}), {psnr(small, whole):.1f} dB with 4 (overlap 1)"
+    )
     assert psnr(out, whole) > 20.0 and psnr(small, whole) < 16.0
 
 
-@pytest.mark.parametrize("rows, overlap, message", [
-    (1, None, "tile_rows=1: tiles need at least 16 latent rows (128 pixels)"),
-    (3, None, "tile_rows=3: tiles need at least 16"),
-    (15, None, "tile_rows=15: tiles need at least 16"),
-    (16.0, None, "tile_rows=16.0: tiles need at least 16"),
-    (True, None, "tile_rows=True: tiles need at least 16"),
-    (16, 3, "tile_overlap=3 with tile_rows=16: use an int with 4 <= tile_overlap < tile_rows"),
-    (16, 16, "4 <= tile_overlap < tile_rows"),
-])
+@pytest.mark.parametrize(
+    "rows, overlap, message",
+    [
+        (1, None, "tile_rows=1: tiles need at least 16 latent rows (128 pixels)"),
+        (3, None, "tile_rows=3: tiles need at least 16"),
+        (15, None, "tile_rows=15: tiles need at least 16"),
+        (16.0, None, "tile_rows=16.0: tiles need at least 16"),
+        (True, None, "tile_rows=True: tiles need at least 16"),
+        (16, 3, "tile_overlap=3 with tile_rows=16: use an int with 4 <= tile_overlap < tile_rows"),
+        (16, 16, "4 <= tile_overlap < tile_rows"),
+    ],
+)
 def test_bad_tile_arguments(rows, overlap, message):
     vae = AutoencoderKL(vae_preset("tiny-sdxl"))
     with pytest.raises(dj.ConfigError, match=re.escape(message)):
@@ -93,8 +102,11 @@ def test_tiles_apply_only_to_a_one_device_decode():
     check_tiles_apply(16, 1, 128)
     check_tiles_apply(16, 2, 9)  # a latent height the devices do not divide is decoded on one device
     check_tiles_apply(None, 4, 128)
-    with pytest.raises(dj.ConfigError, match=r"decode_tile_rows=16 would be ignored: the VAE decode is row-sharded "
-                                             r"over 2 devices .* or pass parallel_decode=False"):
+    with pytest.raises(
+        dj.ConfigError,
+        match=r"decode_tile_rows=16 would be ignored: the VAE decode is row-sharded "
+        r"over 2 devices .* or pass parallel_decode=False",
+    ):
         check_tiles_apply(16, 2, 128)
     with pytest.raises(dj.ConfigError, match=r"drop --decode-tile-rows \(or pass --devices 1\)"):
         check_tiles_apply(64, 4, 128, "--decode-tile-rows")

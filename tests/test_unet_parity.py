@@ -22,15 +22,21 @@ def make_inputs(name, config, seed=0):
     ehs = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
     added = None
     if config.get("addition_embed_type") == "text_time":
-        added = {"text_embeds": rng.standard_normal((2, SDXL_TINY_TEXT_EMBED_DIM)).astype(np.float32),
-                 "time_ids": rng.uniform(0, 1024, (2, SDXL_TINY_TIME_IDS)).astype(np.float32)}
+        added = {
+            "text_embeds": rng.standard_normal((2, SDXL_TINY_TEXT_EMBED_DIM)).astype(np.float32),
+            "time_ids": rng.uniform(0, 1024, (2, SDXL_TINY_TIME_IDS)).astype(np.float32),
+        }
     return x, t, ehs, added
 
 
 def torch_forward(model, x, t, ehs, added):
     with torch.no_grad():
-        out = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(ehs),
-                    added_cond_kwargs=None if added is None else {k: torch.from_numpy(v) for k, v in added.items()})
+        out = model(
+            torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+            torch.from_numpy(t),
+            torch.from_numpy(ehs),
+            added_cond_kwargs=None if added is None else {k: torch.from_numpy(v) for k, v in added.items()},
+        )
     return out.sample.numpy().transpose(0, 2, 3, 1)
 
 

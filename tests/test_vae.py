@@ -20,21 +20,46 @@ from helpers import assert_full_size_mapping, perturbed, rel_l2
 
 TOL = 1e-5  # float32 relative L2; reached: about 2e-7 to 6e-7 on these configs
 
-_BASE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-         "norm_num_groups": 4, "sample_size": 32, "act_fn": "silu"}
+_BASE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+    "act_fn": "silu",
+}
 TINY_VAES = {
     # two levels, one resnet per encoder block
-    "two_level": dict(_BASE, block_out_channels=[8, 16], layers_per_block=1,
-                      down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2),
+    "two_level": dict(
+        _BASE,
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    ),
     # three levels (two downsamplers), two resnets per encoder block, three per decoder block
-    "three_level": dict(_BASE, block_out_channels=[8, 16, 16], layers_per_block=2,
-                        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3),
+    "three_level": dict(
+        _BASE,
+        block_out_channels=[8, 16, 16],
+        layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+    ),
     # no mid-block attention, no (post_)quant_conv, mish in the resnets (conv_act stays SiLU)
-    "bare": dict(_BASE, block_out_channels=[8, 16], layers_per_block=1, act_fn="mish",
-                 mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False,
-                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2),
+    "bare": dict(
+        _BASE,
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        act_fn="mish",
+        mid_block_add_attention=False,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    ),
 }
-LATENT = (2, 5, 7, 4)   # batch 2, non-square, odd
+LATENT = (2, 5, 7, 4)  # batch 2, non-square, odd
 IMAGE = (2, 18, 30, 3)  # non-square; with two downsamplers an odd size (9) is halved
 
 
@@ -93,8 +118,11 @@ def test_parity_float32(name, tiny_vae_dir):
     vae, params = load_vae(folder)
     image = np.asarray(decode(vae, params, z))
     mean, logvar = (np.asarray(a) for a in encode(vae, params, x))
-    errs = {"decode": rel_l2(image, ref_image), "mean": rel_l2(mean, nhwc(dist.mean)),
-            "logvar": rel_l2(logvar, nhwc(dist.logvar))}
+    errs = {
+        "decode": rel_l2(image, ref_image),
+        "mean": rel_l2(mean, nhwc(dist.mean)),
+        "logvar": rel_l2(logvar, nhwc(dist.logvar)),
+    }
     print(f"{name}: float32 relative L2 " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     assert image.shape == ref_image.shape and mean.shape == logvar.shape == nhwc(dist.mean).shape
     assert max(errs.values()) <= TOL
@@ -134,9 +162,15 @@ def test_sdxl_full_size_keys_and_shapes():
     with torch.device("meta"):
         reference = TorchVAE.from_config(config.to_dict())
     ours = assert_full_size_mapping(reference, AutoencoderKL(config).abstract_params(), 83_653_863)
-    for path in ("encoder/down_blocks_0/resnets_0/conv1/kernel", "encoder/mid_block/attentions_0/to_q/kernel",
-                 "encoder/mid_block/attentions_0/group_norm/scale", "decoder/up_blocks_0/upsamplers_0/conv/kernel",
-                 "quant_conv/kernel", "post_quant_conv/kernel", "encoder/conv_norm_out/scale"):
+    for path in (
+        "encoder/down_blocks_0/resnets_0/conv1/kernel",
+        "encoder/mid_block/attentions_0/to_q/kernel",
+        "encoder/mid_block/attentions_0/group_norm/scale",
+        "decoder/up_blocks_0/upsamplers_0/conv/kernel",
+        "quant_conv/kernel",
+        "post_quant_conv/kernel",
+        "encoder/conv_norm_out/scale",
+    ):
         assert path in ours
 
 
@@ -144,8 +178,11 @@ def test_sdxl_full_size_decode_shape():
     """Abstract decode of a 128x128 latent (1024x1024 image), batch 2, no memory used."""
     vae = AutoencoderKL(sdxl_vae_config(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), vae.abstract_params())
-    out = jax.eval_shape(lambda p, z: vae.apply({"params": p}, z, method=vae.decode), params,
-                         jax.ShapeDtypeStruct((2, 128, 128, 4), jnp.float32))
+    out = jax.eval_shape(
+        lambda p, z: vae.apply({"params": p}, z, method=vae.decode),
+        params,
+        jax.ShapeDtypeStruct((2, 128, 128, 4), jnp.float32),
+    )
     assert out.shape == (2, 1024, 1024, 3) and out.dtype == jnp.bfloat16
 
 
@@ -211,16 +248,21 @@ def one_line(excinfo):
     return "\n" not in str(excinfo.value)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]},
-     "down_block_types entry 'AttnDownEncoderBlock2D': supported 'DownEncoderBlock2D'"),
-    ({"up_block_types": ["UpDecoderBlock2D"]}, "up_block_types=.* one entry per level"),
-    ({"norm_type": "spatial"}, "unknown VAE config field.* norm_type"),
-    ({"_class_name": "AutoencoderTiny"}, "_class_name='AutoencoderTiny'"),
-    ({"act_fn": "relu"}, "act_fn='relu'"),
-    ({"norm_num_groups": 3}, "not divisible by norm_num_groups=3"),
-    ({"latents_mean": [0.1, 0.2]}, "latents_mean=.* latent_channels=4"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            {"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]},
+            "down_block_types entry 'AttnDownEncoderBlock2D': supported 'DownEncoderBlock2D'",
+        ),
+        ({"up_block_types": ["UpDecoderBlock2D"]}, "up_block_types=.* one entry per level"),
+        ({"norm_type": "spatial"}, "unknown VAE config field.* norm_type"),
+        ({"_class_name": "AutoencoderTiny"}, "_class_name='AutoencoderTiny'"),
+        ({"act_fn": "relu"}, "act_fn='relu'"),
+        ({"norm_num_groups": 3}, "not divisible by norm_num_groups=3"),
+        ({"latents_mean": [0.1, 0.2]}, "latents_mean=.* latent_channels=4"),
+    ],
+)
 def test_bad_config_is_a_clear_error(change, match):
     with pytest.raises(dj.ConfigError, match=match) as e:
         VAEConfig.from_dict(dict(TINY_VAES["two_level"], **change))
@@ -254,7 +296,9 @@ def test_wrong_folder_and_inputs(tiny_vae_dir, tmp_path):
     assert one_line(e)
     folder, _ = tiny_vae_dir("two_level")
     vae, params = load_vae(folder)
-    with pytest.raises(dj.DistriFusionError, match=r"decode: latent has shape \(1, 4, 5, 6\).* \[B, H, W, 4\]"):
+    with pytest.raises(
+        dj.DistriFusionError, match=r"decode: latent has shape \(1, 4, 5, 6\).* \[B, H, W, 4\]"
+    ):
         vae.apply({"params": params}, jnp.zeros((1, 4, 5, 6)), method=vae.decode)
     with pytest.raises(dj.DistriFusionError, match=r"encode: image has shape \(1, 3, 8, 8\)"):
         vae.apply({"params": params}, jnp.zeros((1, 3, 8, 8)), method=vae.encode)
@@ -272,7 +316,7 @@ def test_row_sharded_synchronous_equals_one_device(tiny_vae_dir):
     folder, _ = tiny_vae_dir("three_level")
     vae, params = load_vae(folder)
     rng = np.random.default_rng(2)
-    z = jnp.asarray(rng.standard_normal((2, 8, 6, 4)), jnp.float32)   # 2 latent rows per band
+    z = jnp.asarray(rng.standard_normal((2, 8, 6, 4)), jnp.float32)  # 2 latent rows per band
     x = jnp.asarray(rng.uniform(-1, 1, (2, 64, 24, 3)), jnp.float32)  # 4 rows per band at the lowest level
     banded = vae.clone(parallel=PatchPlan("sync"))
 

@@ -58,16 +58,28 @@ def test_converted_folder_loads_identical_params(dtype, tiny_unet_dir, tmp_path)
 
 def test_convert_script_runs_as_documented(tiny_unet_dir, tmp_path):
     folder, _ = tiny_unet_dir("sd1")
-    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "convert" / "convert_sdxl.py"), str(folder), str(tmp_path / "c"),
-                        "--dtype", "bfloat16"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parents[1] / "convert" / "convert_sdxl.py"),
+            str(folder),
+            str(tmp_path / "c"),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "converted" in r.stderr and "bfloat16" in r.stderr
     _, params = dj.load_unet(tmp_path / "c")
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # loaded in the requested dtype
 
 
-@pytest.mark.parametrize("torch_dtype, variant, np_dtype", [(torch.float16, "fp16", np.float16),
-                                                             (torch.bfloat16, "bf16", ml_dtypes.bfloat16)])
+@pytest.mark.parametrize(
+    "torch_dtype, variant, np_dtype",
+    [(torch.float16, "fp16", np.float16), (torch.bfloat16, "bf16", ml_dtypes.bfloat16)],
+)
 def test_half_precision_variants_load(torch_dtype, variant, np_dtype, tiny_unet_dir, tmp_path):
     _, model = tiny_unet_dir("sd1")
     half = type(model).from_config(model.config)
@@ -165,7 +177,17 @@ def test_missing_folder_and_files(tmp_path):
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "distrifusion_jax", "convert", str(tmp_path / "missing"),
-                        str(tmp_path / "out")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distrifusion_jax",
+            "convert",
+            str(tmp_path / "missing"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: model folder")

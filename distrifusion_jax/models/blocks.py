@@ -9,9 +9,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ..nn import Attention, Conv2d, GroupNorm
+from ..nn.plan import LayerPlan
 
-ACT = {"silu": nn.silu, "swish": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False), "mish":
-       lambda x: x * jnp.tanh(nn.softplus(x))}
+ACT = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+}
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
@@ -31,13 +36,15 @@ class Common(nn.Module):
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    parallel: Any = None
+    parallel: Optional[LayerPlan] = None
 
     def common(self) -> dict:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, parallel=self.parallel)
 
     def dense(self, features, name, use_bias=True):
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return nn.Dense(
+            features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
 
     def conv(self, features, name, kernel_size=3, stride=1):
         return Conv2d(features, kernel_size, stride, **self.common(), name=name)
@@ -111,10 +118,12 @@ class BasicTransformerBlock(Common):
 
     @nn.compact
     def __call__(self, x, context):  # x: [B, T, D], context: [B, S, Dc]
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                                       use_fast_variance=False, name=name)
-        attn = lambda name: Attention(self.heads, self.head_dim, **self.common(),
-                                      implementation=self.attention_impl, name=name)
+        ln = lambda name: nn.LayerNorm(
+            epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, use_fast_variance=False, name=name
+        )
+        attn = lambda name: Attention(
+            self.heads, self.head_dim, **self.common(), implementation=self.attention_impl, name=name
+        )
         x = x + attn("attn1")(ln("norm1")(x))
         x = x + attn("attn2")(ln("norm2")(x), context)
         x = x + FeedForward(**self.common(), name="ff")(ln("norm3")(x))
@@ -141,8 +150,13 @@ class Transformer2DModel(Common):
         else:
             hs = self.conv(inner, "proj_in", kernel_size=1)(hs).reshape(b, h * w, inner)
         for i in range(self.depth):
-            hs = BasicTransformerBlock(**self.common(), heads=self.heads, head_dim=self.head_dim,
-                                       attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(hs, context)
+            hs = BasicTransformerBlock(
+                **self.common(),
+                heads=self.heads,
+                head_dim=self.head_dim,
+                attention_impl=self.attention_impl,
+                name=f"transformer_blocks_{i}",
+            )(hs, context)
         if self.use_linear_projection:
             hs = self.dense(c, "proj_out")(hs).reshape(b, h, w, c)
         else:
@@ -186,14 +200,27 @@ class BlockSpec(Common):
     attention_impl: Optional[str] = None
 
     def resnet(self, i, scale=1.0):
-        return ResnetBlock2D(**self.common(), out_channels=self.out_channels, groups=self.groups, eps=self.eps,
-                             act_fn=self.act_fn, output_scale_factor=scale, name=f"resnets_{i}")
+        return ResnetBlock2D(
+            **self.common(),
+            out_channels=self.out_channels,
+            groups=self.groups,
+            eps=self.eps,
+            act_fn=self.act_fn,
+            output_scale_factor=scale,
+            name=f"resnets_{i}",
+        )
 
     def transformer(self, i):
-        return Transformer2DModel(**self.common(), heads=self.heads, head_dim=self.out_channels // self.heads,
-                                  depth=self.depth, groups=self.groups,
-                                  use_linear_projection=self.use_linear_projection,
-                                  attention_impl=self.attention_impl, name=f"attentions_{i}")
+        return Transformer2DModel(
+            **self.common(),
+            heads=self.heads,
+            head_dim=self.out_channels // self.heads,
+            depth=self.depth,
+            groups=self.groups,
+            use_linear_projection=self.use_linear_projection,
+            attention_impl=self.attention_impl,
+            name=f"attentions_{i}",
+        )
 
 
 class DownBlock(BlockSpec):

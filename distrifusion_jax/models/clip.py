@@ -32,15 +32,45 @@ ACTIVATIONS = {
 }
 
 # config.json fields that describe the checkpoint, tokenizer or training, never the inference forward.
-_IGNORED_FIELDS = frozenset({
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "pad_token_id",
-    "initializer_range", "initializer_factor", "dropout", "attention_dropout", "hidden_dropout",
-    # generic PretrainedConfig fields that older transformers versions wrote into every config.json
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "tie_encoder_decoder", "cross_attention_hidden_size", "id2label", "label2id", "problem_type", "finetuning_task",
-    "tokenizer_class", "prefix", "task_specific_params", "sep_token_id", "decoder_start_token_id",
-})
+_IGNORED_FIELDS = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "bos_token_id",
+        "pad_token_id",
+        "initializer_range",
+        "initializer_factor",
+        "dropout",
+        "attention_dropout",
+        "hidden_dropout",
+        # generic PretrainedConfig fields that older transformers versions wrote into every config.json
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "tie_word_embeddings",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "is_decoder",
+        "add_cross_attention",
+        "tie_encoder_decoder",
+        "cross_attention_hidden_size",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "finetuning_task",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "sep_token_id",
+        "decoder_start_token_id",
+    }
+)
 MODEL_TYPE = "clip_text_model"
 
 
@@ -65,22 +95,37 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             _check_int(name, getattr(self, name), minimum=1)
         if self.projection_dim is not None:
             _check_int("projection_dim", self.projection_dim, minimum=1)
         _check_int("eos_token_id", self.eos_token_id, minimum=0)
         if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"unsupported CLIP text config value hidden_act={self.hidden_act!r}: supported "
-                              f"{', '.join(repr(a) for a in ACTIVATIONS)}")
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or self.layer_norm_eps <= 0:
-            raise ConfigError(f"unsupported CLIP text config value layer_norm_eps={self.layer_norm_eps!r}: "
-                              "expected a positive number")
+            raise ConfigError(
+                f"unsupported CLIP text config value hidden_act={self.hidden_act!r}: supported "
+                f"{', '.join(repr(a) for a in ACTIVATIONS)}"
+            )
+        if (
+            isinstance(self.layer_norm_eps, bool)
+            or not isinstance(self.layer_norm_eps, (int, float))
+            or self.layer_norm_eps <= 0
+        ):
+            raise ConfigError(
+                f"unsupported CLIP text config value layer_norm_eps={self.layer_norm_eps!r}: "
+                "expected a positive number"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"CLIP text config: hidden_size={self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}")
+            raise ConfigError(
+                f"CLIP text config: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -91,18 +136,25 @@ class CLIPTextConfig:
         """Validate a transformers text-encoder `config.json` dict; reject unknown fields and unsupported values."""
         model_type = raw.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
-            raise ConfigError(f"unsupported CLIP text config value model_type={model_type!r}: supported "
-                              f"{MODEL_TYPE!r} (the config.json of a text encoder folder, e.g. "
-                              "<pipeline>/text_encoder)")
+            raise ConfigError(
+                f"unsupported CLIP text config value model_type={model_type!r}: supported "
+                f"{MODEL_TYPE!r} (the config.json of a text encoder folder, e.g. "
+                "<pipeline>/text_encoder)"
+            )
         pruned = raw.get("pruned_heads") or {}
         if pruned:  # pruning changes the attention shapes per layer: not supported
             raise ConfigError(f"unsupported CLIP text config value pruned_heads={pruned!r}: supported {{}}")
-        d = {k: v for k, v in raw.items()
-             if not k.startswith("_") and k not in _IGNORED_FIELDS and k != "pruned_heads"}
+        d = {
+            k: v
+            for k, v in raw.items()
+            if not k.startswith("_") and k not in _IGNORED_FIELDS and k != "pruned_heads"
+        }
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ConfigError(f"unknown CLIP text config field(s) {', '.join(unknown)}: not part of transformers' "
-                              "CLIPTextConfig; remove them or check the file")
+            raise ConfigError(
+                f"unknown CLIP text config field(s) {', '.join(unknown)}: not part of transformers' "
+                "CLIPTextConfig; remove them or check the file"
+            )
         if d.get("layer_norm_eps", 1e-5) is None:  # transformers allows None in the type, meaning the default
             d.pop("layer_norm_eps")
         return cls(**d)
@@ -119,8 +171,9 @@ class CLIPTextConfig:
 
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"unsupported CLIP text config value {name}={value!r}: expected an int >= {minimum}")
-
+        raise ConfigError(
+            f"unsupported CLIP text config value {name}={value!r}: expected an int >= {minimum}"
+        )
 
 
 @flax.struct.dataclass
@@ -141,8 +194,13 @@ class CLIPTextOutput:
 # ---- layers, named after transformers' modules so that checkpoint keys are their paths ----
 def _layer_norm(cfg, mdl, name):
     # two-pass variance in float32: E[x^2] - E[x]^2 cancels on the large residual stream of deep towers
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=mdl.dtype,
-                        param_dtype=mdl.param_dtype, name=name)
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        use_fast_variance=False,
+        dtype=mdl.dtype,
+        param_dtype=mdl.param_dtype,
+        name=name,
+    )
 
 
 def _dense(mdl, features, name, bias=True):
@@ -167,8 +225,9 @@ class CLIPAttention(nn.Module):
         if dtype == jnp.float16 and jax.default_backend() == "cpu":
             # XLA:CPU has no float16 dot with float32 accumulation (which JAX asks for): use float32.
             q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=True,
-                                           implementation=self.implementation)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=key_mask, is_causal=True, implementation=self.implementation
+        )
         return _dense(self, d, "out_proj")(out.astype(dtype).reshape(b, s, d))
 
 
@@ -212,11 +271,13 @@ class CLIPTextEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids):
         cfg = self.config
-        embed = lambda n, name: nn.Embed(n, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name=name)
+        embed = lambda n, name: nn.Embed(
+            n, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
         positions = jnp.arange(input_ids.shape[1])[None, :]
-        return embed(cfg.vocab_size, "token_embedding")(input_ids) + \
-            embed(cfg.max_position_embeddings, "position_embedding")(positions)
+        return embed(cfg.vocab_size, "token_embedding")(input_ids) + embed(
+            cfg.max_position_embeddings, "position_embedding"
+        )(positions)
 
 
 class CLIPEncoder(nn.Module):
@@ -231,8 +292,9 @@ class CLIPEncoder(nn.Module):
     def __call__(self, x, key_mask=None):
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.implementation,
-                                 name=f"layers_{i}")(x, key_mask)
+            x = CLIPEncoderLayer(
+                self.config, self.dtype, self.param_dtype, self.implementation, name=f"layers_{i}"
+            )(x, key_mask)
             states.append(x)
         return tuple(states)
 
@@ -257,7 +319,9 @@ class CLIPTextTransformer(nn.Module):
             # configs written before transformers fixed eos_token_id: EOS is the largest id in the vocabulary
             eos = jnp.argmax(input_ids, axis=-1)
         else:
-            eos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)  # first occurrence (padding may repeat it)
+            eos = jnp.argmax(
+                input_ids == cfg.eos_token_id, axis=-1
+            )  # first occurrence (padding may repeat it)
         pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
         return last, pooled, states
 
@@ -271,16 +335,23 @@ class _CLIPTextBase(nn.Module):
     def _text_model(self, input_ids, attention_mask):
         cfg = self.config
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise DistriFusionError(f"input_ids must be integer token ids [batch, sequence], got "
-                                    f"{input_ids.dtype} {tuple(input_ids.shape)}")
+            raise DistriFusionError(
+                f"input_ids must be integer token ids [batch, sequence], got "
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[1] > cfg.max_position_embeddings:
-            raise DistriFusionError(f"input_ids has {input_ids.shape[1]} tokens but the text encoder has "
-                                    f"{cfg.max_position_embeddings} positions; truncate the prompt tokens")
+            raise DistriFusionError(
+                f"input_ids has {input_ids.shape[1]} tokens but the text encoder has "
+                f"{cfg.max_position_embeddings} positions; truncate the prompt tokens"
+            )
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise DistriFusionError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of "
-                                    f"input_ids {tuple(input_ids.shape)}")
-        return CLIPTextTransformer(cfg, self.dtype, self.param_dtype, self.attention_impl,
-                                   name="text_model")(input_ids, attention_mask)
+            raise DistriFusionError(
+                f"attention_mask {tuple(attention_mask.shape)} must have the shape of "
+                f"input_ids {tuple(input_ids.shape)}"
+            )
+        return CLIPTextTransformer(cfg, self.dtype, self.param_dtype, self.attention_impl, name="text_model")(
+            input_ids, attention_mask
+        )
 
     def abstract_params(self, seq_len: int = 1):
         """The parameter tree as ShapeDtypeStructs, by abstract evaluation (no memory used)."""
@@ -315,16 +386,23 @@ class CLIPTextModelWithProjection(_CLIPTextBase):
             raise ConfigError("CLIPTextModelWithProjection needs projection_dim in its config")
         last, pooled, states = self._text_model(input_ids, attention_mask)
         embeds = _dense(self, self.config.projection_dim, "text_projection", bias=False)(pooled)
-        return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=states, text_embeds=embeds)
+        return CLIPTextOutput(
+            last_hidden_state=last, pooler_output=pooled, hidden_states=states, text_embeds=embeds
+        )
 
 
-TEXT_ENCODER_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+TEXT_ENCODER_CLASSES = {
+    "CLIPTextModel": CLIPTextModel,
+    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+}
 
 
 def text_encoder_class(raw: dict):
     """The Flax class named by a config.json dict's `architectures`; ConfigError for anything else."""
     archs = raw.get("architectures")
     if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in TEXT_ENCODER_CLASSES:
-        raise ConfigError(f"unsupported text encoder architectures={archs!r}: supported "
-                          f"{' or '.join(repr([a]) for a in TEXT_ENCODER_CLASSES)}")
+        raise ConfigError(
+            f"unsupported text encoder architectures={archs!r}: supported "
+            f"{' or '.join(repr([a]) for a in TEXT_ENCODER_CLASSES)}"
+        )
     return TEXT_ENCODER_CLASSES[archs[0]]

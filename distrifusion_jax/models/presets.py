@@ -17,16 +17,16 @@ PRESETS = {
     "sd-1.5": "Stable Diffusion 1.5 UNet",
     "sd-2.1": "Stable Diffusion 2.1 (768-v) UNet",
     "tiny-sdxl": "SDXL's structure at a size that runs 20 steps at 256x256 on a CPU in seconds: three "
-                 "levels, text_time micro-conditioning, a four-level VAE, two small CLIP text encoders "
-                 "with the real vocabulary (the random test and demo pipeline)",
+    "levels, text_time micro-conditioning, a four-level VAE, two small CLIP text encoders "
+    "with the real vocabulary (the random test and demo pipeline)",
     "micro-sdxl": "the smallest SDXL-shaped UNet (DownBlock2D + one cross-attention level, text_time): "
-                  "for the many compilations of patch-parallel tests and reports",
+    "for the many compilations of patch-parallel tests and reports",
     "small-sdxl": "two-level SDXL-shaped UNet (32/64 channels, six SDXL time ids): benchmark runs on a CPU",
     "parity-sdxl": "SDXL-like UNet for parity tests: three levels, per-level transformer depth and heads, "
-                   "linear projections, text_time with 16-wide text embeddings and 3 time ids",
+    "linear projections, text_time with 16-wide text embeddings and 3 time ids",
     "parity-sd1": "SD 1.x-like UNet for parity tests: four levels, conv projections, an int head count",
     "parity-sd2": "SD 2.x-like UNet for parity tests: linear projections, upcast attention, per-level heads "
-                  "and layers, centred input, shifted frequencies",
+    "and layers, centred input, shifted frequencies",
 }
 
 
@@ -76,5 +76,15 @@ def sdxl_vae_config() -> VAEConfig:
     return vae_preset("sdxl-base-1.0")
 
 
-__all__ = ["PRESETS", "preset_dict", "unet_preset", "vae_preset", "text_encoder_preset", "scheduler_preset", "sdxl_base", "sd15",
-           "sd21", "sdxl_vae_config"]
+__all__ = [
+    "PRESETS",
+    "preset_dict",
+    "unet_preset",
+    "vae_preset",
+    "text_encoder_preset",
+    "scheduler_preset",
+    "sdxl_base",
+    "sd15",
+    "sd21",
+    "sdxl_vae_config",
+]

@@ -13,6 +13,7 @@ import numpy as np
 from ..config import fmt_allowed, read_json
 from ..errors import ConfigError, DistriFusionError
 from ..nn import Conv2d, GroupNorm
+from ..nn.plan import LayerPlan
 from .blocks import ACT, DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
 
 # ---- configuration ----
@@ -108,34 +109,45 @@ class UNetConfig:
         d = {k: v for k, v in raw.items() if not k.startswith("_")}
         cls_name = raw.get("_class_name", "UNet2DConditionModel")
         if cls_name != "UNet2DConditionModel":
-            raise ConfigError(f"unsupported UNet class _class_name={cls_name!r}: only UNet2DConditionModel is supported")
+            raise ConfigError(
+                f"unsupported UNet class _class_name={cls_name!r}: only UNet2DConditionModel is supported"
+            )
         for key, allowed in _FIXED_FIELDS.items():
             if key in d:
                 value = d.pop(key)
                 if value not in allowed:
                     raise ConfigError(
-                        f"unsupported UNet config value {key}={value!r}: supported {fmt_allowed(allowed)}")
+                        f"unsupported UNet config value {key}={value!r}: supported {fmt_allowed(allowed)}"
+                    )
         for key in _IGNORED_FIELDS:
             d.pop(key, None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown UNet config field(s) {', '.join(unknown)}: not part of the supported "
-                              "UNet2DConditionModel configuration; remove them or check the file")
+            raise ConfigError(
+                f"unknown UNet config field(s) {', '.join(unknown)}: not part of the supported "
+                "UNet2DConditionModel configuration; remove them or check the file"
+            )
         levels = len(d.get("block_out_channels", cls.block_out_channels))
 
         def per_level(key, default):
             value = d.get(key, default)
             if isinstance(value, (list, tuple)):
                 if len(value) != levels:
-                    raise ConfigError(f"UNet config {key}={list(value)!r} has {len(value)} entries but the model "
-                                      f"has {levels} levels (len(block_out_channels))")
+                    raise ConfigError(
+                        f"UNet config {key}={list(value)!r} has {len(value)} entries but the model "
+                        f"has {levels} levels (len(block_out_channels))"
+                    )
                 if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                    raise ConfigError(f"unsupported UNet config value {key}={value!r}: expected an int or a list "
-                                      "of ints, one per level")
+                    raise ConfigError(
+                        f"unsupported UNet config value {key}={value!r}: expected an int or a list "
+                        "of ints, one per level"
+                    )
                 return tuple(value)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"unsupported UNet config value {key}={value!r}: expected an int or a list of ints")
+                raise ConfigError(
+                    f"unsupported UNet config value {key}={value!r}: expected an int or a list of ints"
+                )
             return (value,) * levels
 
         out = dict(d)
@@ -163,35 +175,55 @@ class UNetConfig:
     def validate(self) -> None:
         n = self.num_levels
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ConfigError(f"UNet config: down_block_types ({len(self.down_block_types)}) and up_block_types "
-                              f"({len(self.up_block_types)}) must both have len(block_out_channels)={n} entries")
-        for key, allowed, values in (("down_block_types", DOWN_BLOCK_TYPES, self.down_block_types),
-                                     ("up_block_types", UP_BLOCK_TYPES, self.up_block_types)):
+            raise ConfigError(
+                f"UNet config: down_block_types ({len(self.down_block_types)}) and up_block_types "
+                f"({len(self.up_block_types)}) must both have len(block_out_channels)={n} entries"
+            )
+        for key, allowed, values in (
+            ("down_block_types", DOWN_BLOCK_TYPES, self.down_block_types),
+            ("up_block_types", UP_BLOCK_TYPES, self.up_block_types),
+        ):
             for v in values:
                 if v not in allowed:
-                    raise ConfigError(f"unsupported UNet config value {key} entry {v!r}: supported {fmt_allowed(allowed)}")
+                    raise ConfigError(
+                        f"unsupported UNet config value {key} entry {v!r}: supported {fmt_allowed(allowed)}"
+                    )
         if self.mid_block_type not in MID_BLOCK_TYPES:
-            raise ConfigError(f"unsupported UNet config value mid_block_type={self.mid_block_type!r}: "
-                              f"supported {fmt_allowed(MID_BLOCK_TYPES)}")
+            raise ConfigError(
+                f"unsupported UNet config value mid_block_type={self.mid_block_type!r}: "
+                f"supported {fmt_allowed(MID_BLOCK_TYPES)}"
+            )
         if self.act_fn not in ACTIVATIONS:
-            raise ConfigError(f"unsupported UNet config value act_fn={self.act_fn!r}: supported {fmt_allowed(ACTIVATIONS)}")
+            raise ConfigError(
+                f"unsupported UNet config value act_fn={self.act_fn!r}: supported {fmt_allowed(ACTIVATIONS)}"
+            )
         if self.addition_embed_type not in (None, "text_time"):
-            raise ConfigError(f"unsupported UNet config value addition_embed_type={self.addition_embed_type!r}: "
-                              "supported None, 'text_time'")
+            raise ConfigError(
+                f"unsupported UNet config value addition_embed_type={self.addition_embed_type!r}: "
+                "supported None, 'text_time'"
+            )
         if self.addition_embed_type == "text_time" and (
-                self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None):
-            raise ConfigError("UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
-                              "projection_class_embeddings_input_dim")
+            self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
+        ):
+            raise ConfigError(
+                "UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
         for i, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
             if c % self.norm_num_groups:
-                raise ConfigError(f"UNet config: block_out_channels[{i}]={c} is not divisible by "
-                                  f"norm_num_groups={self.norm_num_groups}")
-            has_attn = self.down_block_types[i] == "CrossAttnDownBlock2D" or (
-                self.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D") or i == n - 1
+                raise ConfigError(
+                    f"UNet config: block_out_channels[{i}]={c} is not divisible by "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
+            has_attn = (
+                self.down_block_types[i] == "CrossAttnDownBlock2D"
+                or (self.up_block_types[n - 1 - i] == "CrossAttnUpBlock2D")
+                or i == n - 1
+            )
             if has_attn and c % h:
-                raise ConfigError(f"UNet config: block_out_channels[{i}]={c} is not divisible by its "
-                                  f"{h} attention heads")
-
+                raise ConfigError(
+                    f"UNet config: block_out_channels[{i}]={c} is not divisible by its {h} attention heads"
+                )
 
 
 def to_diffusers_dict(config: UNetConfig) -> dict:
@@ -202,7 +234,6 @@ def to_diffusers_dict(config: UNetConfig) -> dict:
     if d["num_attention_heads"] is None:
         del d["num_attention_heads"]
     return d
-
 
 
 # ---- model ----
@@ -225,7 +256,7 @@ class UNet2DConditionModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
-    parallel: Any = None  # patch-parallel plan for the leaf layers (distrifusion_jax.parallel); None: one device
+    parallel: Optional[LayerPlan] = None  # the leaf layers' patch-parallel plan; None: one device
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
@@ -237,13 +268,18 @@ class UNet2DConditionModel(nn.Module):
         # 1. time embedding (+ SDXL micro-conditioning)
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (batch,))
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        embed = dict(dtype=self.dtype, param_dtype=self.param_dtype, features=cfg.time_embed_dim, act_fn=cfg.act_fn)
+        embed = dict(
+            dtype=self.dtype, param_dtype=self.param_dtype, features=cfg.time_embed_dim, act_fn=cfg.act_fn
+        )
         emb = TimestepEmbedding(**embed, name="time_embedding")(t_emb)
         if cfg.addition_embed_type == "text_time":
             time_ids = added_cond_kwargs["time_ids"]
-            time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                             cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
-            add = jnp.concatenate([added_cond_kwargs["text_embeds"].astype(jnp.float32), time_embeds], axis=-1)
+            time_embeds = timestep_embedding(
+                time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+            ).reshape(batch, -1)
+            add = jnp.concatenate(
+                [added_cond_kwargs["text_embeds"].astype(jnp.float32), time_embeds], axis=-1
+            )
             emb = emb + TimestepEmbedding(**embed, name="add_embedding")(add)
         context = encoder_hidden_states.astype(self.dtype)
 
@@ -256,22 +292,38 @@ class UNet2DConditionModel(nn.Module):
 
         # 3. down
         for i, kind in enumerate(cfg.down_block_types):
-            x, states = DownBlock(**common, **self.block_fields(i), num_layers=cfg.layers_per_block[i],
-                                  has_attention=kind == "CrossAttnDownBlock2D",
-                                  add_downsample=i < cfg.num_levels - 1, name=f"down_blocks_{i}")(x, emb, context)
+            x, states = DownBlock(
+                **common,
+                **self.block_fields(i),
+                num_layers=cfg.layers_per_block[i],
+                has_attention=kind == "CrossAttnDownBlock2D",
+                add_downsample=i < cfg.num_levels - 1,
+                name=f"down_blocks_{i}",
+            )(x, emb, context)
             skips += states
 
         # 4. mid
-        x = MidBlock(**common, **self.block_fields(cfg.num_levels - 1), num_layers=1, has_attention=True,
-                     output_scale_factor=cfg.mid_block_scale_factor, name="mid_block")(x, emb, context)
+        x = MidBlock(
+            **common,
+            **self.block_fields(cfg.num_levels - 1),
+            num_layers=1,
+            has_attention=True,
+            output_scale_factor=cfg.mid_block_scale_factor,
+            name="mid_block",
+        )(x, emb, context)
 
         # 5. up
         for j, kind in enumerate(cfg.up_block_types):
             level = cfg.num_levels - 1 - j
             n = cfg.layers_per_block[level] + 1
-            x = UpBlock(**common, **self.block_fields(level), num_layers=n,
-                        has_attention=kind == "CrossAttnUpBlock2D", add_upsample=j < cfg.num_levels - 1,
-                        name=f"up_blocks_{j}")(x, skips[-n:], emb, context)
+            x = UpBlock(
+                **common,
+                **self.block_fields(level),
+                num_layers=n,
+                has_attention=kind == "CrossAttnUpBlock2D",
+                add_upsample=j < cfg.num_levels - 1,
+                name=f"up_blocks_{j}",
+            )(x, skips[-n:], emb, context)
             skips = skips[:-n]
 
         # 6. output
@@ -280,52 +332,83 @@ class UNet2DConditionModel(nn.Module):
 
     def block_fields(self, level: int) -> dict:
         cfg = self.config
-        return dict(out_channels=cfg.block_out_channels[level], heads=cfg.heads[level],
-                    depth=cfg.transformer_layers_per_block[level], groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                    act_fn=cfg.act_fn, use_linear_projection=cfg.use_linear_projection,
-                    attention_impl=self.attention_impl)
+        return dict(
+            out_channels=cfg.block_out_channels[level],
+            heads=cfg.heads[level],
+            depth=cfg.transformer_layers_per_block[level],
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            act_fn=cfg.act_fn,
+            use_linear_projection=cfg.use_linear_projection,
+            attention_impl=self.attention_impl,
+        )
 
     def check_inputs(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs):
         """Shape checks at trace time, each a one-line error naming the fix."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
-            raise DistriFusionError(f"sample has shape {tuple(sample.shape)}; expected NHWC [B, H, W, "
-                                    f"{cfg.in_channels}] (transpose NCHW latents with x.transpose(0, 2, 3, 1))")
+            raise DistriFusionError(
+                f"sample has shape {tuple(sample.shape)}; expected NHWC [B, H, W, "
+                f"{cfg.in_channels}] (transpose NCHW latents with x.transpose(0, 2, 3, 1))"
+            )
         b, h, w, _ = sample.shape
-        f = 2 ** cfg.num_downsamplers
+        f = 2**cfg.num_downsamplers
         if h % f or w % f:
-            raise DistriFusionError(f"latent size {h}x{w} is not divisible by {f} (2^{cfg.num_downsamplers} "
-                                    f"downsamplers): use latent sizes that are multiples of {f} "
-                                    f"(image sizes multiples of {8 * f})")
+            raise DistriFusionError(
+                f"latent size {h}x{w} is not divisible by {f} (2^{cfg.num_downsamplers} "
+                f"downsamplers): use latent sizes that are multiples of {f} "
+                f"(image sizes multiples of {8 * f})"
+            )
         t = jnp.shape(timesteps)
         if t not in ((), (1,), (b,)):
             raise DistriFusionError(f"timesteps has shape {t}; expected a scalar or ({b},) for batch {b}")
         cross = cfg.cross_attention_dim[0]
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b or \
-                encoder_hidden_states.shape[-1] != cross:
-            raise DistriFusionError(f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; "
-                                    f"expected [{b}, S, {cross}]")
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != b
+            or encoder_hidden_states.shape[-1] != cross
+        ):
+            raise DistriFusionError(
+                f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; "
+                f"expected [{b}, S, {cross}]"
+            )
         if cfg.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-                raise DistriFusionError("this UNet uses SDXL micro-conditioning: pass added_cond_kwargs="
-                                        "{'text_embeds': [B, D], 'time_ids': [B, n]}")
+            if (
+                not added_cond_kwargs
+                or "text_embeds" not in added_cond_kwargs
+                or "time_ids" not in added_cond_kwargs
+            ):
+                raise DistriFusionError(
+                    "this UNet uses SDXL micro-conditioning: pass added_cond_kwargs="
+                    "{'text_embeds': [B, D], 'time_ids': [B, n]}"
+                )
             te, ti = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-            if te.ndim != 2 or ti.ndim != 2 or te.shape[0] != b or ti.shape[0] != b or \
-                    te.shape[1] + ti.shape[1] * cfg.addition_time_embed_dim != cfg.projection_class_embeddings_input_dim:
+            if (
+                te.ndim != 2
+                or ti.ndim != 2
+                or te.shape[0] != b
+                or ti.shape[0] != b
+                or te.shape[1] + ti.shape[1] * cfg.addition_time_embed_dim
+                != cfg.projection_class_embeddings_input_dim
+            ):
                 raise DistriFusionError(
                     f"added_cond_kwargs text_embeds {tuple(te.shape)} and time_ids {tuple(ti.shape)} do not fit: "
                     f"need [{b}, D] and [{b}, n] with D + n * {cfg.addition_time_embed_dim} = "
-                    f"{cfg.projection_class_embeddings_input_dim}")
+                    f"{cfg.projection_class_embeddings_input_dim}"
+                )
 
     # ---- abstract inputs, for shapes without data ----
     def dummy_inputs(self, batch: int = 1, height: Optional[int] = None, width: Optional[int] = None):
         """Smallest valid inputs (as ShapeDtypeStructs) for `init` / `eval_shape`."""
         cfg = self.config
-        f = 2 ** cfg.num_downsamplers
+        f = 2**cfg.num_downsamplers
         h, w = height or f, width or f
         s = jax.ShapeDtypeStruct
-        args = [s((batch, h, w, cfg.in_channels), jnp.float32), s((batch,), jnp.float32),
-                s((batch, 1, cfg.cross_attention_dim[0]), jnp.float32)]
+        args = [
+            s((batch, h, w, cfg.in_channels), jnp.float32),
+            s((batch,), jnp.float32),
+            s((batch, 1, cfg.cross_attention_dim[0]), jnp.float32),
+        ]
         if cfg.addition_embed_type == "text_time":
             d = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
             args.append({"text_embeds": s((batch, d), jnp.float32), "time_ids": s((batch, 1), jnp.float32)})
@@ -335,7 +418,9 @@ class UNet2DConditionModel(nn.Module):
 
     def abstract_params(self):
         """The parameter tree as ShapeDtypeStructs, by abstract evaluation (no memory, about a second)."""
-        return jax.eval_shape(lambda: self.init(jax.random.key(0), *self._zeros(self.dummy_inputs())))["params"]
+        return jax.eval_shape(lambda: self.init(jax.random.key(0), *self._zeros(self.dummy_inputs())))[
+            "params"
+        ]
 
     def init_params(self, seed: int = 0):
         """Random parameters drawn on the host from the abstract shapes (fast: no init compile).

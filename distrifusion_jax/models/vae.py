@@ -14,6 +14,7 @@ from jax import lax
 from ..config import read_json
 from ..errors import ConfigError, DistriFusionError
 from ..nn import Attention, Conv2d, GroupNorm
+from ..nn.plan import LayerPlan
 from .blocks import ACT, Common, Upsample2D
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
@@ -67,14 +68,24 @@ class VAEConfig:
         """Validate a diffusers AutoencoderKL `config.json` dict; reject unknown fields and unsupported values."""
         cls_name = raw.get("_class_name", "AutoencoderKL")
         if cls_name != "AutoencoderKL":
-            raise ConfigError(f"unsupported VAE class _class_name={cls_name!r}: only AutoencoderKL is supported")
+            raise ConfigError(
+                f"unsupported VAE class _class_name={cls_name!r}: only AutoencoderKL is supported"
+            )
         d = {k: v for k, v in raw.items() if not k.startswith("_")}
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ConfigError(f"unknown VAE config field(s) {', '.join(unknown)}: not part of the supported "
-                              "AutoencoderKL configuration; remove them or check the file")
-        for key in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std",
-                    "sample_size"):
+            raise ConfigError(
+                f"unknown VAE config field(s) {', '.join(unknown)}: not part of the supported "
+                "AutoencoderKL configuration; remove them or check the file"
+            )
+        for key in (
+            "down_block_types",
+            "up_block_types",
+            "block_out_channels",
+            "latents_mean",
+            "latents_std",
+            "sample_size",
+        ):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         config = cls(**d)
@@ -92,6 +103,7 @@ class VAEConfig:
 
     def validate(self) -> None:
         """One-line ConfigError naming the field and value for anything we do not compute like diffusers."""
+
         def bad(key, value, supported):
             raise ConfigError(f"unsupported VAE config value {key}={value!r}: supported {supported}")
 
@@ -106,17 +118,23 @@ class VAEConfig:
         for key, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
             values = getattr(self, key)
             if not isinstance(values, tuple) or len(values) != len(boc):
-                raise ConfigError(f"VAE config {key}={values!r} must be a list with one entry per level "
-                                  f"(len(block_out_channels)={len(boc)})")
+                raise ConfigError(
+                    f"VAE config {key}={values!r} must be a list with one entry per level "
+                    f"(len(block_out_channels)={len(boc)})"
+                )
             for v in values:
                 if v not in allowed:
-                    raise ConfigError(f"unsupported VAE config value {key} entry {v!r}: supported {allowed[0]!r}")
+                    raise ConfigError(
+                        f"unsupported VAE config value {key} entry {v!r}: supported {allowed[0]!r}"
+                    )
         if self.act_fn not in ACT:
             bad("act_fn", self.act_fn, ", ".join(map(repr, ACT)))
         for i, c in enumerate(boc):
             if c % self.norm_num_groups:
-                raise ConfigError(f"VAE config: block_out_channels[{i}]={c} is not divisible by "
-                                  f"norm_num_groups={self.norm_num_groups}")
+                raise ConfigError(
+                    f"VAE config: block_out_channels[{i}]={c} is not divisible by "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
         for key in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, getattr(self, key), "true or false")
@@ -126,7 +144,9 @@ class VAEConfig:
             bad("shift_factor", self.shift_factor, "null or a number")
         for key in ("latents_mean", "latents_std"):
             v = getattr(self, key)
-            if v is not None and not (isinstance(v, tuple) and len(v) == self.latent_channels and all(map(is_num, v))):
+            if v is not None and not (
+                isinstance(v, tuple) and len(v) == self.latent_channels and all(map(is_num, v))
+            ):
                 bad(key, v, f"null or a list of latent_channels={self.latent_channels} numbers")
 
 
@@ -157,12 +177,15 @@ class DownsampleConv(Conv2d):
 
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, Cin] -> [B, H // 2, W // 2, features]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features), self.param_dtype
+        )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         x = self.pad_rows(x, 1)[:, 1:]
-        y = lax.conv_general_dilated(x, kernel, (2, 2), ((0, 0), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = lax.conv_general_dilated(
+            x, kernel, (2, 2), ((0, 0), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         return y + bias
 
 
@@ -191,8 +214,9 @@ class SpatialSelfAttention(Common):
 
     def setup(self):
         self.group_norm = GroupNorm(self.groups, EPS, **self.common())
-        self.attention = Attention(1, self.channels, **self.common(), implementation=self.attention_impl,
-                                   qkv_bias=True)
+        self.attention = Attention(
+            1, self.channels, **self.common(), implementation=self.attention_impl, qkv_bias=True
+        )
         nn.share_scope(self, self.attention)
 
     def __call__(self, x):  # x: [B, H, W, C]
@@ -212,8 +236,13 @@ class VAEBlock(Common):
     act_fn: str = "silu"
 
     def resnet(self, i):
-        return ResnetBlock(**self.common(), out_channels=self.out_channels, groups=self.groups, act_fn=self.act_fn,
-                           name=f"resnets_{i}")
+        return ResnetBlock(
+            **self.common(),
+            out_channels=self.out_channels,
+            groups=self.groups,
+            act_fn=self.act_fn,
+            name=f"resnets_{i}",
+        )
 
 
 class DownEncoderBlock(VAEBlock):
@@ -254,8 +283,13 @@ class VAEMidBlock(VAEBlock):
     def __call__(self, x):
         x = self.resnet(0)(x)
         if self.add_attention:
-            x = SpatialSelfAttention(**self.common(), channels=self.out_channels, groups=self.groups,
-                                     attention_impl=self.attention_impl, name="attentions_0")(x)
+            x = SpatialSelfAttention(
+                **self.common(),
+                channels=self.out_channels,
+                groups=self.groups,
+                attention_impl=self.attention_impl,
+                name="attentions_0",
+            )(x)
         return self.resnet(1)(x)
 
 
@@ -265,7 +299,7 @@ class Coder(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    parallel: Any = None
+    parallel: Optional[LayerPlan] = None
     attention_impl: Optional[str] = None
 
     def common(self) -> dict:
@@ -277,8 +311,12 @@ class Coder(nn.Module):
 
     def mid_block(self, x):
         cfg = self.config
-        return VAEMidBlock(**self.block(cfg.block_out_channels[-1]), add_attention=cfg.mid_block_add_attention,
-                           attention_impl=self.attention_impl, name="mid_block")(x)
+        return VAEMidBlock(
+            **self.block(cfg.block_out_channels[-1]),
+            add_attention=cfg.mid_block_add_attention,
+            attention_impl=self.attention_impl,
+            name="mid_block",
+        )(x)
 
     def output(self, x, features):
         # diffusers' conv_act is always SiLU, whatever act_fn (which only the resnets use)
@@ -294,8 +332,12 @@ class Encoder(Coder):
         cfg = self.config
         x = Conv2d(cfg.block_out_channels[0], **self.common(), name="conv_in")(x.astype(self.dtype))
         for i, c in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock(**self.block(c), num_layers=cfg.layers_per_block,
-                                 add_downsample=i < cfg.num_levels - 1, name=f"down_blocks_{i}")(x)
+            x = DownEncoderBlock(
+                **self.block(c),
+                num_layers=cfg.layers_per_block,
+                add_downsample=i < cfg.num_levels - 1,
+                name=f"down_blocks_{i}",
+            )(x)
         return self.output(self.mid_block(x), 2 * cfg.latent_channels)
 
 
@@ -308,8 +350,12 @@ class Decoder(Coder):
         x = Conv2d(cfg.block_out_channels[-1], **self.common(), name="conv_in")(z.astype(self.dtype))
         x = self.mid_block(x)
         for j, c in enumerate(reversed(cfg.block_out_channels)):
-            x = UpDecoderBlock(**self.block(c), num_layers=cfg.layers_per_block + 1,
-                               add_upsample=j < cfg.num_levels - 1, name=f"up_blocks_{j}")(x)
+            x = UpDecoderBlock(
+                **self.block(c),
+                num_layers=cfg.layers_per_block + 1,
+                add_upsample=j < cfg.num_levels - 1,
+                name=f"up_blocks_{j}",
+            )(x)
         return self.output(x, cfg.out_channels)
 
 
@@ -328,7 +374,7 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    parallel: Any = None  # patch-parallel plan for the leaf layers (distrifusion_jax.parallel); None: one device
+    parallel: Optional[LayerPlan] = None  # the leaf layers' patch-parallel plan; None: one device
     attention_impl: Optional[str] = None
 
     def setup(self):
@@ -368,8 +414,10 @@ class AutoencoderKL(nn.Module):
     @staticmethod
     def _check(x, channels, what, method):
         if x.ndim != 4 or x.shape[-1] != channels:
-            raise DistriFusionError(f"{method}: {what} has shape {tuple(x.shape)}; expected NHWC [B, H, W, {channels}] "
-                                    "(transpose NCHW arrays with x.transpose(0, 2, 3, 1))")
+            raise DistriFusionError(
+                f"{method}: {what} has shape {tuple(x.shape)}; expected NHWC [B, H, W, {channels}] "
+                "(transpose NCHW arrays with x.transpose(0, 2, 3, 1))"
+            )
 
     # ---- parameters without a checkpoint ----
     def abstract_params(self):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..errors import ConfigError
+from .plan import LayerPlan
 
 IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "auto")
 # "auto": "chunked" where the float32 scores [B, N, Tq, Tk] that "xla" materialises would exceed this
@@ -34,7 +35,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: Optional[str] = None
-    parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
+    parallel: Optional[LayerPlan] = None  # the patch-parallel plan; None: a single device
     qkv_bias: bool = False  # biases on to_q/to_k/to_v: the VAE's attention has them, the UNet's does not
     q_chunk: int = 1024  # "chunked": queries per block
     kv_chunk: int = 4096  # "chunked": keys and values per block
@@ -42,11 +43,14 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, context=None):  # x: [B, T, D], context: [B, S, Dc] or None
         if self.implementation not in IMPLEMENTATIONS:
-            raise ConfigError(f"unknown attention implementation {self.implementation!r}: use one of "
-                              + ", ".join(map(repr, IMPLEMENTATIONS)))
+            raise ConfigError(
+                f"unknown attention implementation {self.implementation!r}: use one of "
+                + ", ".join(map(repr, IMPLEMENTATIONS))
+            )
         inner = self.heads * self.head_dim
-        dense = lambda feats, name, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype,
-                                                   param_dtype=self.param_dtype, name=name)
+        dense = lambda feats, name, bias: nn.Dense(
+            feats, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))  # [B, T, N, Hd]
         to_k, to_v = dense(inner, "to_k", self.qkv_bias), dense(inner, "to_v", self.qkv_bias)
         project = lambda tokens: (split(to_k(tokens)), split(to_v(tokens)))
@@ -130,7 +134,7 @@ def chunked_dot_product_attention(q, k, v, q_chunk: int = 1024, kv_chunk: int = 
 
     def query_block(qb):  # [B, cq, N, Hd]
         def step(carry, j):
-            m, l, acc = carry  # [B, N, cq], [B, N, cq], [B, cq, N, Hd]
+            m, total, acc = carry  # running max, softmax denominator, output: [B, N, cq] x2, [B, cq, N, Hd]
             kb, vb = (lax.dynamic_slice_in_dim(a, j * ck, ck, axis=1) for a in (k, v))
             s = jnp.einsum("bqnh,bknh->bnqk", qb, kb, preferred_element_type=jnp.float32) * scale
             if nk * ck != tk:
@@ -138,14 +142,22 @@ def chunked_dot_product_attention(q, k, v, q_chunk: int = 1024, kv_chunk: int = 
             m_new = jnp.maximum(m, s.max(axis=-1))
             fade = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])
-            l = l * fade + p.sum(axis=-1)
+            total = total * fade + p.sum(axis=-1)
             pv = jnp.einsum("bnqk,bknh->bqnh", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-            return (m_new, l, acc * fade.transpose(0, 2, 1)[..., None] + pv), None
+            return (m_new, total, acc * fade.transpose(0, 2, 1)[..., None] + pv), None
 
-        init = _varying_like((jnp.full((b, n, cq), -jnp.inf, jnp.float32), jnp.zeros((b, n, cq), jnp.float32),
-                              jnp.zeros((b, cq, n, hd), jnp.float32)), qb, k, v)
-        (_, l, acc), _ = lax.scan(step, init, jnp.arange(nk))
-        return acc / l.transpose(0, 2, 1)[..., None]
+        init = _varying_like(
+            (
+                jnp.full((b, n, cq), -jnp.inf, jnp.float32),
+                jnp.zeros((b, n, cq), jnp.float32),
+                jnp.zeros((b, cq, n, hd), jnp.float32),
+            ),
+            qb,
+            k,
+            v,
+        )
+        (_, total, acc), _ = lax.scan(step, init, jnp.arange(nk))
+        return acc / total.transpose(0, 2, 1)[..., None]
 
     out = lax.map(query_block, qs)  # [nq, B, cq, N, Hd]
     return out.swapaxes(0, 1).reshape(b, nq * cq, n, hd)[:, :tq].astype(q.dtype)

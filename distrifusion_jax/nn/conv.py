@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
+
+from .plan import LayerPlan
 
 
 class Conv2d(nn.Module):
@@ -22,7 +24,7 @@ class Conv2d(nn.Module):
     stride: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
+    parallel: Optional[LayerPlan] = None  # the patch-parallel plan; None: a single device
     # exchange halo rows synchronously in every step and keep no state (the UNet's conv_in: its input
     # is this step's latent, and its 4-channel rows are tiny)
     exact_halo: bool = False
@@ -30,15 +32,21 @@ class Conv2d(nn.Module):
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, Cin] -> [B, H/stride, W/stride, features]
         k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), self.param_dtype
+        )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         pad = k // 2
         if pad:
             x = self.pad_rows(x, pad)
-        y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((0, 0), (pad, pad)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = lax.conv_general_dilated(
+            x,
+            kernel,
+            (self.stride, self.stride),
+            ((0, 0), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         return y + bias
 
     def pad_rows(self, x, pad):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
+
+from .plan import LayerPlan
 
 
 def group_stats(x, num_groups: int):
@@ -29,7 +31,7 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    parallel: Any = None  # distrifusion_jax.parallel plan; None: a single device
+    parallel: Optional[LayerPlan] = None  # the patch-parallel plan; None: a single device
 
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, C]

@@ -25,7 +25,7 @@ def halo_rows(x, top: int, bottom: int, axis: str):
     def shift(rows, perm):
         return lax.ppermute(rows, axis, perm=perm) if rows.shape[1] else rows
 
-    above = shift(x[:, x.shape[1] - top:], [(i, i + 1) for i in range(p - 1)])
+    above = shift(x[:, x.shape[1] - top :], [(i, i + 1) for i in range(p - 1)])
     below = shift(x[:, :bottom], [(i + 1, i) for i in range(p - 1)])
     return above, below
 

@@ -7,7 +7,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-CFG = "cfg"      # classifier-free guidance halves: size 2 with the CFG split, else 1
+CFG = "cfg"  # classifier-free guidance halves: size 2 with the CFG split, else 1
 PATCH = "patch"  # row bands of the latent image
 TENSOR = "tensor"  # heads and channels, for the tensor-parallel baseline (tensor_parallel.py)
 
@@ -30,6 +30,7 @@ def vary(tree, axes=(CFG, PATCH)):
     layer's value is typed invariant over an axis when it happens to depend only on replicated data
     (early layers do not depend on the guidance branch, for instance).
     """
+
     def cast(x):
         missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
         return lax.pcast(x, missing, to="varying") if missing else x

@@ -71,10 +71,14 @@ class PatchPlan:
 
     def __post_init__(self):
         if self.phase not in PHASES or self.mode not in MODES:
-            raise ValueError(f"PatchPlan: phase {self.phase!r} / mode {self.mode!r} not in {PHASES} / {MODES}")
+            raise ValueError(
+                f"PatchPlan: phase {self.phase!r} / mode {self.mode!r} not in {PHASES} / {MODES}"
+            )
         if self.stale_kv not in STALE_KV or self.stale_kv_dtype not in STALE_KV_DTYPES:
-            raise ValueError(f"PatchPlan: stale_kv {self.stale_kv!r} / stale_kv_dtype {self.stale_kv_dtype!r} "
-                             f"not in {STALE_KV} / {STALE_KV_DTYPES}")
+            raise ValueError(
+                f"PatchPlan: stale_kv {self.stale_kv!r} / stale_kv_dtype {self.stale_kv_dtype!r} "
+                f"not in {STALE_KV} / {STALE_KV_DTYPES}"
+            )
 
     def bands(self) -> int:
         return lax.axis_size(self.axis)
@@ -99,7 +103,9 @@ class PatchPlan:
         if getattr(module, "exact_halo", False) or not self.keeps("spatial"):  # this step's rows, no state
             rows = C.halo_rows(x, top, bottom, self.axis)
             return jnp.concatenate([rows[0], x, rows[1]], axis=1)
-        state = module.variable(STALE, "halo", jnp.zeros, x.shape[:1] + (top + bottom,) + x.shape[2:], x.dtype)
+        state = module.variable(
+            STALE, "halo", jnp.zeros, x.shape[:1] + (top + bottom,) + x.shape[2:], x.dtype
+        )
         if self.spatial == "sync":
             rows = C.halo_rows(x, top, bottom, self.axis)
             state.value = jnp.concatenate(rows, axis=1)
@@ -131,9 +137,13 @@ class PatchPlan:
         if not self.keeps("spatial"):  # full_sync: this step's tokens, nothing kept
             return C.gather_tokens(local, self.axis)
         encode = lambda a: compress.encode(a, self.stale_kv_dtype)
-        whole = jax.ShapeDtypeStruct((local.shape[0], self.bands() * local.shape[1]) + local.shape[2:], local.dtype)
-        values, scale = (None if s is None else module.variable(STALE, name + suffix, jnp.zeros, s.shape, s.dtype)
-                         for s, suffix in zip(jax.eval_shape(encode, whole), ("", "_scale")))
+        whole = jax.ShapeDtypeStruct(
+            (local.shape[0], self.bands() * local.shape[1]) + local.shape[2:], local.dtype
+        )
+        values, scale = (
+            None if s is None else module.variable(STALE, name + suffix, jnp.zeros, s.shape, s.dtype)
+            for s, suffix in zip(jax.eval_shape(encode, whole), ("", "_scale"))
+        )
 
         def store(encoded):
             values.value = encoded[0]

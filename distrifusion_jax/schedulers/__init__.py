@@ -38,12 +38,22 @@ def scheduler_from_config(config: Mapping[str, Any]) -> Scheduler:
     """The scheduler a diffusers scheduler config describes, chosen by its `_class_name`."""
     cls_name = config.get("_class_name") if isinstance(config, Mapping) else None
     if cls_name not in CLASS_NAMES:
-        raise ConfigError(f"unsupported scheduler _class_name={cls_name!r}: supported "
-                          f"{', '.join(repr(k) for k in CLASS_NAMES)}")
+        raise ConfigError(
+            f"unsupported scheduler _class_name={cls_name!r}: supported "
+            f"{', '.join(repr(k) for k in CLASS_NAMES)}"
+        )
     return make_scheduler(CLASS_NAMES[cls_name], config)
 
 
 __all__ = [
-    "Scheduler", "SCHEDULERS", "make_scheduler", "scheduler_from_config",
-    "DDIMScheduler", "DDIMState", "EulerScheduler", "EulerState", "DPMSolverScheduler", "DPMSolverState",
+    "Scheduler",
+    "SCHEDULERS",
+    "make_scheduler",
+    "scheduler_from_config",
+    "DDIMScheduler",
+    "DDIMState",
+    "EulerScheduler",
+    "EulerState",
+    "DPMSolverScheduler",
+    "DPMSolverState",
 ]

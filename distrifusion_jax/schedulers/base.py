@@ -61,8 +61,10 @@ class Scheduler:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
         for key, allowed in cls.fixed_fields.items():
             if key in config and key not in defaults and config[key] not in allowed:
-                raise ConfigError(f"unsupported {cls.name} scheduler config value {key}={config[key]!r}: "
-                                  f"supported {fmt_allowed(allowed)}")
+                raise ConfigError(
+                    f"unsupported {cls.name} scheduler config value {key}={config[key]!r}: "
+                    f"supported {fmt_allowed(allowed)}"
+                )
         return cls(**kwargs)
 
     def __post_init__(self):
@@ -71,26 +73,42 @@ class Scheduler:
         self.check_choice("prediction_type", PREDICTION_TYPES)
         for key in ("num_train_timesteps", "steps_offset"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or (key == "num_train_timesteps" and value < 2):
-                raise ConfigError(f"unsupported {self.name} scheduler config value {key}={value!r}: expected an int"
-                                  + (" >= 2" if key == "num_train_timesteps" else ""))
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or (key == "num_train_timesteps" and value < 2)
+            ):
+                raise ConfigError(
+                    f"unsupported {self.name} scheduler config value {key}={value!r}: expected an int"
+                    + (" >= 2" if key == "num_train_timesteps" else "")
+                )
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
-            raise ConfigError(f"{self.name} scheduler config: trained_betas has {len(self.trained_betas)} entries "
-                              f"but num_train_timesteps={self.num_train_timesteps}")
+            raise ConfigError(
+                f"{self.name} scheduler config: trained_betas has {len(self.trained_betas)} entries "
+                f"but num_train_timesteps={self.num_train_timesteps}"
+            )
 
     def check_choice(self, key: str, allowed: tuple) -> None:
         """Raise ConfigError naming `key` unless its value is one of `allowed`."""
         value = getattr(self, key)
         if value not in allowed:
-            raise ConfigError(f"unsupported {self.name} scheduler config value {key}={value!r}: "
-                              f"supported {fmt_allowed(allowed)}")
+            raise ConfigError(
+                f"unsupported {self.name} scheduler config value {key}={value!r}: "
+                f"supported {fmt_allowed(allowed)}"
+            )
 
     def check_steps(self, num_inference_steps) -> int:
         """Validate the number of denoising steps (diffusers refuses more steps than training timesteps)."""
         n = num_inference_steps
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= self.num_train_timesteps:
-            raise ConfigError(f"num_inference_steps={n!r} must be an int in [1, num_train_timesteps="
-                              f"{self.num_train_timesteps}]")
+        if (
+            not isinstance(n, (int, np.integer))
+            or isinstance(n, bool)
+            or not 1 <= n <= self.num_train_timesteps
+        ):
+            raise ConfigError(
+                f"num_inference_steps={n!r} must be an int in [1, num_train_timesteps="
+                f"{self.num_train_timesteps}]"
+            )
         return int(n)
 
     # ---- training noise schedule ----
@@ -107,14 +125,16 @@ class Scheduler:
             betas = np.linspace(self.beta_start, self.beta_end, t).astype(np.float32)
         elif self.beta_schedule == "scaled_linear":
             # Stable Diffusion's schedule: linear in sqrt(beta), squared.
-            root = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, t).astype(np.float32)
+            root = np.linspace(self.beta_start**0.5, self.beta_end**0.5, t).astype(np.float32)
             betas = (root.astype(np.float64) ** 2).astype(np.float32)
         else:
             # Glide's cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas capped at 0.999.
             def alpha_bar(x):
                 return math.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = np.array([min(1 - alpha_bar((i + 1) / t) / alpha_bar(i / t), 0.999) for i in range(t)],
-                             np.float32)
+
+            betas = np.array(
+                [min(1 - alpha_bar((i + 1) / t) / alpha_bar(i / t), 0.999) for i in range(t)], np.float32
+            )
         if self.rescale_betas_zero_snr:
             betas = _rescale_zero_terminal_snr(betas)
         alphas = np.float32(1) - betas

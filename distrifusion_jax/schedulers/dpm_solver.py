@@ -56,8 +56,10 @@ class DPMSolverScheduler(Scheduler):
         # noise-prediction (non-++) variants are not implemented.
         self.check_choice("algorithm_type", ("dpmsolver++", "deis"))
         if self.algorithm_type == "deis" and self.final_sigmas_type == "zero":
-            raise ConfigError("unsupported dpm-solver scheduler config value final_sigmas_type='zero' with "
-                              "algorithm_type='deis' (diffusers refuses it): supported 'sigma_min'")
+            raise ConfigError(
+                "unsupported dpm-solver scheduler config value final_sigmas_type='zero' with "
+                "algorithm_type='deis' (diffusers refuses it): supported 'sigma_min'"
+            )
 
     @property
     def _heun(self) -> bool:
@@ -67,7 +69,7 @@ class DPMSolverScheduler(Scheduler):
     def _train(self):
         ac = self.alphas_cumprod()
         if self.rescale_betas_zero_snr:
-            ac[-1] = 2.0 ** -24  # as diffusers: keeps sigma and lambda finite at the last training timestep
+            ac[-1] = 2.0**-24  # as diffusers: keeps sigma and lambda finite at the last training timestep
         # Variance-exploding noise levels in float32 arithmetic, as diffusers.
         return ac, np.sqrt((np.float32(1) - ac) / ac)
 
@@ -115,7 +117,9 @@ class DPMSolverScheduler(Scheduler):
         # The first step has no history (first order). diffusers' last step is first order when
         # euler_at_final, when lower_order_final with fewer than 15 steps (stabilises short runs), or when
         # the final sigma is 0 (where the second-order correction has h = inf).
-        final_first = self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
+        final_first = (
+            self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
+        )
         order = np.full(n, self.solver_order, np.int32)
         order[0] = 1
         if final_first:

@@ -41,14 +41,16 @@ class EulerScheduler(Scheduler):
         self.check_choice("final_sigmas_type", ("zero", "sigma_min"))
         if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
             # diffusers then feeds 0.25 * log(sigma) to the UNet instead of a timestep (EDM-style models).
-            raise ConfigError("unsupported euler scheduler config value timestep_type='continuous' with "
-                              "prediction_type='v_prediction': supported 'discrete'")
+            raise ConfigError(
+                "unsupported euler scheduler config value timestep_type='continuous' with "
+                "prediction_type='v_prediction': supported 'discrete'"
+            )
 
     def _train_sigmas(self) -> np.ndarray:
         ac = self.alphas_cumprod()
         if self.rescale_betas_zero_snr:
             # diffusers replaces the zero alpha_bar of the last timestep by 2**-24 so its sigma stays finite.
-            ac[-1] = 2.0 ** -24
+            ac[-1] = 2.0**-24
         # Variance-exploding noise level of the VP process: x_t / sqrt(alpha_bar) = x0 + sigma * eps
         # (float32 arithmetic, as diffusers).
         return np.sqrt((np.float32(1) - ac) / ac)

@@ -43,8 +43,15 @@ class Case:
 
     def distri_config(self, devices: Optional[int] = None) -> DistriConfig:
         """The DistriConfig of this case (guidance on), for `devices` devices (default: the case's)."""
-        return DistriConfig(self.height, self.width, devices=devices or self.devices, split_batch=self.cfg_split,
-                            mode=self.mode, stale_kv=self.stale_kv, stale_kv_dtype=self.stale_kv_dtype)
+        return DistriConfig(
+            self.height,
+            self.width,
+            devices=devices or self.devices,
+            split_batch=self.cfg_split,
+            mode=self.mode,
+            stale_kv=self.stale_kv,
+            stale_kv_dtype=self.stale_kv_dtype,
+        )
 
 
 # ---- abstract model and inputs ----
@@ -107,8 +114,12 @@ def trace_displaced_step(denoiser, params, inputs):
         return eps, state
 
     batch = P(CFG) if d.cfg_size == 2 else P()
-    step = jax.shard_map(local, mesh=d.mesh, in_specs=(P(), P(None, PATCH), batch, batch),
-                         out_specs=(P(None, PATCH), P((CFG, PATCH))))
+    step = jax.shard_map(
+        local,
+        mesh=d.mesh,
+        in_specs=(P(), P(None, PATCH), batch, batch),
+        out_specs=(P(None, PATCH), P((CFG, PATCH))),
+    )
     return jax.jit(step).trace(params, latents, ehs, added), seen
 
 
@@ -155,7 +166,9 @@ def memory(compiled) -> dict:
     """Per-device bytes of a compiled program by XLA's memory analysis: argument, output, temp, alias,
     generated_code, and peak (arguments + outputs + temporaries - aliased)."""
     m = compiled.memory_analysis()
-    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias",
-                                                               "generated_code")}
+    out = {
+        k: int(getattr(m, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "temp", "alias", "generated_code")
+    }
     out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out

@@ -1,7 +1,7 @@
 """The benchmark's options: one frozen, checked object, from the command line or built in Python.
 
-    BenchmarkOptions(random="tiny", distri=DistriConfig(64, 64, devices=4, warmup_steps=0), steps=2,
-                     dtype="float32", repeats=2, overhead=True)
+BenchmarkOptions(random="tiny", distri=DistriConfig(64, 64, devices=4, warmup_steps=0), steps=2,
+                 dtype="float32", repeats=2, overhead=True)
 """
 
 from __future__ import annotations
@@ -46,10 +46,14 @@ def check_json_path(path, overwrite: bool = False) -> None:
     if p.is_dir():
         raise ConfigError(f"--json {path} is a folder; name a file in it, e.g. {p / 'report.json'}")
     if p.exists() and not overwrite:
-        raise ConfigError(f"--json {path} already exists; pass --overwrite to replace it, or choose another name")
+        raise ConfigError(
+            f"--json {path} already exists; pass --overwrite to replace it, or choose another name"
+        )
     if not p.parent.is_dir():
-        raise ConfigError(f"--json {path}: folder {p.parent} does not exist; create it first (mkdir -p {p.parent}) "
-                          "or write elsewhere")
+        raise ConfigError(
+            f"--json {path}: folder {p.parent} does not exist; create it first (mkdir -p {p.parent}) "
+            "or write elsewhere"
+        )
     if not os.access(p.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--json {path}: folder {p.parent} is not writable; write the report elsewhere")
 
@@ -94,8 +98,10 @@ class BenchmarkOptions:
         configs = parse_configs(self.configs)
         unknown = [c for c in configs if c not in CONFIGS]
         if unknown or not (configs or self.overhead):
-            raise DistriFusionError(f"--configs {','.join(unknown) or 'none'}: choose from {','.join(CONFIGS)} "
-                                    "('none' only with --overhead)")
+            raise DistriFusionError(
+                f"--configs {','.join(unknown) or 'none'}: choose from {','.join(CONFIGS)} "
+                "('none' only with --overhead)"
+            )
         object.__setattr__(self, "configs", configs)
         for name in ("steps", "repeats", "batch"):
             _check_count(name, getattr(self, name))
@@ -110,8 +116,11 @@ class BenchmarkOptions:
             raise DistriFusionError(f"--random {self.random}: choose from {', '.join(RANDOM)}")
 
     def _check_choices(self) -> None:
-        choices = (("--scheduler", self.scheduler, tuple(SCHEDULERS)), ("--dtype", self.dtype, DTYPE_NAMES),
-                   ("--vae-dtype", self.vae_dtype, DTYPE_NAMES))
+        choices = (
+            ("--scheduler", self.scheduler, tuple(SCHEDULERS)),
+            ("--dtype", self.dtype, DTYPE_NAMES),
+            ("--vae-dtype", self.vae_dtype, DTYPE_NAMES),
+        )
         for flag, value, allowed in choices:
             if value not in allowed:
                 raise DistriFusionError(f"{flag} {value}: choose from {', '.join(allowed)}")

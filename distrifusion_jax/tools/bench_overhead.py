@@ -39,19 +39,31 @@ def measure_overhead(dc: DistriConfig, setup: Setup, o: BenchmarkOptions) -> dic
     batch, band, state = (P(CFG) if d.cfg_size == 2 else P()), P(None, PATCH), P((CFG, PATCH))
     shard = lambda fn, specs, out: jax.jit(jax.shard_map(fn, mesh=d.mesh, in_specs=specs, out_specs=out))
     naive = shard(lambda p, x, e, a: d.eps(plain, p, None, x, t, e, a)[0], (P(), band, batch, batch), band)
-    step = shard(lambda p, s, x, e, a: d.eps(displaced, p, s, x, t, e, a), (P(), state, band, batch, batch),
-                 (band, state))
+    step = shard(
+        lambda p, s, x, e, a: d.eps(displaced, p, s, x, t, e, a),
+        (P(), state, band, batch, batch),
+        (band, state),
+    )
     # the state's shapes from a first displaced step without one (Flax starts a missing collection at zeros)
-    first = shard(lambda p, x, e, a: d.eps(displaced, p, None, x, t, e, a)[1], (P(), band, batch, batch), state)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=NamedSharding(d.mesh, state)),
-                         jax.eval_shape(first, params, lat, ehs, added))
+    first = shard(
+        lambda p, x, e, a: d.eps(displaced, p, None, x, t, e, a)[1], (P(), band, batch, batch), state
+    )
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype, device=NamedSharding(d.mesh, state)),
+        jax.eval_shape(first, params, lat, ehs, added),
+    )
     out = {"devices": len(d.devices), "mesh": f"{d.cfg_size}x{d.patches}", "mode": dc.mode}
-    for name, fn, fargs in (("naive_patch", naive, (params, lat, ehs, added)),
-                            ("displaced", step, (params, zeros, lat, ehs, added))):
+    for name, fn, fargs in (
+        ("naive_patch", naive, (params, lat, ehs, added)),
+        ("displaced", step, (params, zeros, lat, ehs, added)),
+    ):
         compiled, compile_s = first_call(lambda: fn.lower(*fargs).compile())
         r = timed(lambda: jax.block_until_ready(compiled(*fargs)), o.repeats, warmup=2)
-        out[name] = dict(compile_s=compile_s, step_ms={k[:-2]: 1e3 * r[k] for k in ("median_s", "min_s", "max_s")},
-                         repeats=r["repeats"])
+        out[name] = dict(
+            compile_s=compile_s,
+            step_ms={k[:-2]: 1e3 * r[k] for k in ("median_s", "min_s", "max_s")},
+            repeats=r["repeats"],
+        )
     out["ratio"] = out["displaced"]["step_ms"]["median"] / out["naive_patch"]["step_ms"]["median"]
     return out
 
@@ -71,8 +83,12 @@ def dry_run(configs: dict, unet_config: UNetConfig, o: BenchmarkOptions, log) ->
         try:
             d = Denoiser(unet, dc, scheduler, o.steps, guidance_scale=o.guidance_scale)
             lower_loop(d, params, lat, ehs, added)  # what the first call compiles
-            results[name] = {"lowered": True, "lower_s": time.perf_counter() - t0, "devices": len(d.devices),
-                             "mesh": mesh_of(d)}
+            results[name] = {
+                "lowered": True,
+                "lower_s": time.perf_counter() - t0,
+                "devices": len(d.devices),
+                "mesh": mesh_of(d),
+            }
         except Exception as e:  # noqa: BLE001
             results[name] = {"skipped": failure(e)}
         log(f"{name}: {'lowered' if 'lowered' in results[name] else results[name]['skipped']}")

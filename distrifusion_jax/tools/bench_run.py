@@ -37,8 +37,13 @@ def program_bytes(compiled) -> Optional[int]:
         return None
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        + m.generated_code_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def memory_entry(before: Optional[list], after: Optional[list], analysed: Optional[int]) -> dict:
@@ -51,8 +56,12 @@ def memory_entry(before: Optional[list], after: Optional[list], analysed: Option
     if before is None or after is None:
         return {"peak_bytes": analysed, "peak_source": "memory_analysis", "program_bytes": analysed}
     rose = [a for b, a in zip(before, after) if a > b]
-    return {"peak_bytes": max(rose or after), "peak_source": "memory_stats", "peak_exact": bool(rose),
-            "program_bytes": analysed}
+    return {
+        "peak_bytes": max(rose or after),
+        "peak_source": "memory_stats",
+        "peak_exact": bool(rose),
+        "program_bytes": analysed,
+    }
 
 
 # ---- one configuration ----
@@ -65,9 +74,17 @@ def run_loop(dc: DistriConfig, setup: Setup, o: BenchmarkOptions) -> tuple:
     _, first = first_call(call)
     compile_s = d.last_compile_s
     loop = timed(call, o.repeats, warmup=1)
-    result = dict(devices=len(d.devices), mesh=mesh_of(d), parallelism=dc.parallelism, mode=dc.mode,
-                  warmup_steps=dc.warmup_steps, compile_s=compile_s, first_call_s=first, e2e_s=loop,
-                  step_ms={k[:-2]: 1e3 * loop[k] / o.steps for k in ("median_s", "min_s", "max_s")})
+    result = dict(
+        devices=len(d.devices),
+        mesh=mesh_of(d),
+        parallelism=dc.parallelism,
+        mode=dc.mode,
+        warmup_steps=dc.warmup_steps,
+        compile_s=compile_s,
+        first_call_s=first,
+        e2e_s=loop,
+        step_ms={k[:-2]: 1e3 * loop[k] / o.steps for k in ("median_s", "min_s", "max_s")},
+    )
     result.update(memory_entry(before, peak_marks(d.devices), program_bytes(_program(d))))
     return result, call
 
@@ -75,8 +92,11 @@ def run_loop(dc: DistriConfig, setup: Setup, o: BenchmarkOptions) -> tuple:
 def make_decode(setup: Setup):
     """Final latents -> image on the first device, as the pipeline decodes (latents / scaling_factor)."""
     vae, device = setup.vae, setup.devices[0]
-    decode = jax.jit(lambda p, z: vae.apply({"params": p}, (z / vae.config.scaling_factor).astype(vae.dtype),
-                                            method=vae.decode))
+    decode = jax.jit(
+        lambda p, z: vae.apply(
+            {"params": p}, (z / vae.config.scaling_factor).astype(vae.dtype), method=vae.decode
+        )
+    )
     return lambda z: jax.block_until_ready(decode(setup.vae_params, jax.device_put(z, device)))
 
 

@@ -43,7 +43,9 @@ class Setup:
     vae: Any
     vae_params: Any
     scheduler: Any
-    inputs: tuple  # (latents [B, h, w, C] f32 scaled by the initial sigma, ehs [2B, 77, D], added_cond_kwargs)
+    inputs: (
+        tuple  # (latents [B, h, w, C] f32 scaled by the initial sigma, ehs [2B, 77, D], added_cond_kwargs)
+    )
 
 
 # ---- the configurations ----
@@ -70,8 +72,11 @@ def distri_configs(o: BenchmarkOptions, devices: list) -> dict:
         "tensor": dict(parallelism="tensor"),
     }
     for name, fields in multi.items():
-        out[name] = (dataclasses.replace(patch, devices=tuple(devices), **fields) if len(devices) > 1 else
-                     "needs at least 2 devices")
+        out[name] = (
+            dataclasses.replace(patch, devices=tuple(devices), **fields)
+            if len(devices) > 1
+            else "needs at least 2 devices"
+        )
     return {k: v for k, v in out.items() if k in o.configs}
 
 
@@ -105,8 +110,10 @@ def model_root(model) -> Path:
     root = resolve_model_path(model)
     missing = [c for c in ("unet", "vae") if not (root / c / "config.json").is_file()]
     if missing:
-        raise CheckpointError(f"{root}: no {' or '.join(c + '/config.json' for c in missing)}; the benchmark needs "
-                              "a pipeline folder with unet/ and vae/ (text encoders are not used)")
+        raise CheckpointError(
+            f"{root}: no {' or '.join(c + '/config.json' for c in missing)}; the benchmark needs "
+            "a pipeline folder with unet/ and vae/ (text encoders are not used)"
+        )
     return root
 
 
@@ -129,10 +136,18 @@ def load_models(o: BenchmarkOptions, config: UNetConfig, replicated, first):
     vae_config = sdxl_vae_config() if o.random == "sdxl" else vae_preset(TINY_VAE)
     vae = AutoencoderKL(vae_config, dtype=vae_dtype, param_dtype=vae_dtype)
     if o.random == "tiny":  # a few MB: drawn on the host faster than one small program per shape compiles
-        return (unet, jax.device_put(unet.init_params(o.seed), replicated), vae,
-                jax.device_put(vae.init_params(o.seed + 1), first))
-    return (unet, random_params(unet, dtype, o.seed, replicated), vae,
-            random_params(vae, vae_dtype, o.seed + 1, first))
+        return (
+            unet,
+            jax.device_put(unet.init_params(o.seed), replicated),
+            vae,
+            jax.device_put(vae.init_params(o.seed + 1), first),
+        )
+    return (
+        unet,
+        random_params(unet, dtype, o.seed, replicated),
+        vae,
+        random_params(vae, vae_dtype, o.seed + 1, first),
+    )
 
 
 # ---- inputs ----
@@ -146,8 +161,10 @@ def random_inputs(config: UNetConfig, o: BenchmarkOptions, sigma: float, shardin
         ids = added["time_ids"]
         # SDXL's six micro-conditioning ids: (original size, crop top-left, target size)
         sizes = [o.height, o.width, 0, 0, o.height, o.width]
-        time_ids = jnp.asarray(np.tile(sizes, (ids.shape[0], 1)) if ids.shape[1] == 6 else
-                               rng.standard_normal(ids.shape), ids.dtype)
+        time_ids = jnp.asarray(
+            np.tile(sizes, (ids.shape[0], 1)) if ids.shape[1] == 6 else rng.standard_normal(ids.shape),
+            ids.dtype,
+        )
         added = {"text_embeds": normal(added["text_embeds"]), "time_ids": time_ids}
     return jax.device_put((latents, ehs, added), sharding)
 

@@ -50,36 +50,55 @@ __all__ = ["BenchmarkOptions", "CONFIGS", "run", "main", "add_arguments", "add_p
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (`distrifusion-jax benchmark`, `python -m distrifusion_jax.tools.benchmark`)."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="SDXL pipeline folder (or hub id) with unet/ and vae/; text encoders are not used")
-    src.add_argument("--random", choices=RANDOM,
-                     help="random weights, no download: the full-size SDXL UNet + VAE (made on the devices), or "
-                          "the small-sdxl preset's UNet with the tiny-sdxl VAE (seconds on a CPU)")
+    src.add_argument(
+        "--model", help="SDXL pipeline folder (or hub id) with unet/ and vae/; text encoders are not used"
+    )
+    src.add_argument(
+        "--random",
+        choices=RANDOM,
+        help="random weights, no download: the full-size SDXL UNet + VAE (made on the devices), or "
+        "the small-sdxl preset's UNet with the tiny-sdxl VAE (seconds on a CPU)",
+    )
     add_distri_flags(p, skip=SKIPPED_FLAGS, height=None, width=None)
     describe(p, "--height", "image height in pixels (default 1024; 256 with --random tiny)")
     describe(p, "--width", "image width in pixels (default: --height)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default="ddim", choices=tuple(SCHEDULERS))
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="UNet weights and compute")
-    p.add_argument("--vae-dtype", default="float32", choices=DTYPE_NAMES,
-                   help="VAE decode (default float32)")
+    p.add_argument("--vae-dtype", default="float32", choices=DTYPE_NAMES, help="VAE decode (default float32)")
     p.add_argument("--batch", type=int, default=1, help="images per run")
     p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: all), or 'none' with --overhead")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (default: all), or 'none' with --overhead",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each loop after one warm-up run")
-    p.add_argument("--overhead", action="store_true",
-                   help="also time one displaced step against one naive-patch step of the same shapes")
-    p.add_argument("--dry-run", action="store_true",
-                   help="only build each configuration and lower its loop with abstract weights (no memory)")
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also time one displaced step against one naive-patch step of the same shapes",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only build each configuration and lower its loop with abstract weights (no memory)",
+    )
     p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder must exist)")
+    p.add_argument(
+        "--json", default=None, help="also write the results to this JSON file (its folder must exist)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register the `benchmark` subcommand on an argparse subparsers object (the CLI's)."""
-    p = sub.add_parser("benchmark", help="compare parallel configurations: compile time, step latency, end to end, "
-                                         "memory", description=__doc__, formatter_class=RawDescription)
+    p = sub.add_parser(
+        "benchmark",
+        help="compare parallel configurations: compile time, step latency, end to end, memory",
+        description=__doc__,
+        formatter_class=RawDescription,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -122,13 +141,30 @@ def run(options) -> dict:
 def header(o: BenchmarkOptions, devices, unet_config: UNetConfig) -> dict:
     """The report's settings: what was run, where."""
     dc = o.distri
-    return dict(model=o.source, height=o.height, width=o.width, batch=o.batch, steps=o.steps, scheduler=o.scheduler,
-                dtype=o.dtype, vae_dtype=o.vae_dtype, guidance_scale=o.guidance_scale, warmup_steps=dc.warmup_steps,
-                mode=dc.mode, split_batch=dc.split_batch, stale_kv=dc.stale_kv, stale_kv_dtype=dc.stale_kv_dtype,
-                devices=len(devices), device_kind=devices[0].device_kind, platform=devices[0].platform,
-                jax=jax.__version__, repeats=o.repeats, date=time.strftime("%Y-%m-%d"),
-                inputs=f"random prompt embeddings [{2 * o.batch}, {TEXT_TOKENS}, "
-                       f"{unet_config.cross_attention_dim[0]}] and pooled embeddings (no text encoders)")
+    return dict(
+        model=o.source,
+        height=o.height,
+        width=o.width,
+        batch=o.batch,
+        steps=o.steps,
+        scheduler=o.scheduler,
+        dtype=o.dtype,
+        vae_dtype=o.vae_dtype,
+        guidance_scale=o.guidance_scale,
+        warmup_steps=dc.warmup_steps,
+        mode=dc.mode,
+        split_batch=dc.split_batch,
+        stale_kv=dc.stale_kv,
+        stale_kv_dtype=dc.stale_kv_dtype,
+        devices=len(devices),
+        device_kind=devices[0].device_kind,
+        platform=devices[0].platform,
+        jax=jax.__version__,
+        repeats=o.repeats,
+        date=time.strftime("%Y-%m-%d"),
+        inputs=f"random prompt embeddings [{2 * o.batch}, {TEXT_TOKENS}, "
+        f"{unet_config.cross_attention_dim[0]}] and pooled embeddings (no text encoders)",
+    )
 
 
 def measure(configs: dict, unet_config: UNetConfig, devices, o: BenchmarkOptions, log) -> dict:

@@ -29,8 +29,11 @@ from .abstract import (
 
 KINDS = ("halo", "kv", "gn", "cfg")  # "cfg": our CFG exchange; the reference's per-step output all-gather
 # stale leaf name -> layer type ("hidden": stale_kv="hidden"; "*_scale": stale_kv_dtype float8 / int8)
-STATE_KINDS = {"halo": "halo", "stats": "gn", **{name + suffix: "kv" for name in ("k", "v", "hidden")
-                                                for suffix in ("", "_scale")}}
+STATE_KINDS = {
+    "halo": "halo",
+    "stats": "gn",
+    **{name + suffix: "kv" for name in ("k", "v", "hidden") for suffix in ("", "_scale")},
+}
 
 
 # ---- bytes from the stale state ----
@@ -82,10 +85,12 @@ def ours_per_device(seen: dict, i: int, patches: int, cfg_size: int, mode: str, 
     band, out, k = seen["band"], seen["out"], neighbours(i, patches)
     conv_in = out.shape[0] * 1 * band.shape[2] * band.shape[3] * out.dtype.itemsize  # one row, compute dtype
     gathered = lambda leaves: sum(nbytes(a) for a in leaves) * (patches - 1) // patches
-    return {"halo": k * conv_in + halo_bytes(by_kind["halo"], i, patches, sent) * on["halo"],
-            "kv": gathered(by_kind["kv"]) * on["kv"],
-            "gn": gathered(by_kind["gn"]) * on["gn"],
-            "cfg": nbytes(out) * (cfg_size - 1)}
+    return {
+        "halo": k * conv_in + halo_bytes(by_kind["halo"], i, patches, sent) * on["halo"],
+        "kv": gathered(by_kind["kv"]) * on["kv"],
+        "gn": gathered(by_kind["gn"]) * on["gn"],
+        "cfg": nbytes(out) * (cfg_size - 1),
+    }
 
 
 def both_rows(halos: list) -> int:
@@ -111,10 +116,13 @@ def reference_per_device(seen: dict, patches: int, devices: int, mode: str) -> d
         return {"halo": 0, "kv": 0, "gn": 0, "cfg": nbytes(out) * (devices - 1)}
     gn_chunk = sum(math.prod(a.shape) for a in by_kind["gn"]) // patches * act
     all_reduce = PatchPlan("displaced", mode).norm == "sync"
-    return {"halo": (patches - 1) * both_rows(by_kind["halo"]) * on["halo"],
-            "kv": (patches - 1) * sum(nbytes(a) for a in by_kind["kv"]) // patches * on["kv"],
-            "gn": (2 * (patches - 1) * gn_chunk // patches if all_reduce else (patches - 1) * gn_chunk) * on["gn"],
-            "cfg": nbytes(out) * (devices - 1)}
+    return {
+        "halo": (patches - 1) * both_rows(by_kind["halo"]) * on["halo"],
+        "kv": (patches - 1) * sum(nbytes(a) for a in by_kind["kv"]) // patches * on["kv"],
+        "gn": (2 * (patches - 1) * gn_chunk // patches if all_reduce else (patches - 1) * gn_chunk)
+        * on["gn"],
+        "cfg": nbytes(out) * (devices - 1),
+    }
 
 
 def reference_stale_bytes(seen: dict, patches: int) -> int:
@@ -122,8 +130,11 @@ def reference_stale_bytes(seen: dict, patches: int) -> int:
     if patches == 1:
         return 0
     by_kind, act = state_by_kind(seen["state"]), seen["out"].dtype.itemsize
-    return (patches * both_rows(by_kind["halo"]) + sum(nbytes(a) for a in by_kind["kv"])
-            + sum(math.prod(a.shape) for a in by_kind["gn"]) * act)
+    return (
+        patches * both_rows(by_kind["halo"])
+        + sum(nbytes(a) for a in by_kind["kv"])
+        + sum(math.prod(a.shape) for a in by_kind["gn"]) * act
+    )
 
 
 # ---- cross-check against the traced program's collectives ----
@@ -139,8 +150,15 @@ def collectives(closed_jaxpr) -> list:
                 axes = axes if isinstance(axes, tuple) else (axes,)
                 if len(axes) != 1:
                     raise NotImplementedError(f"{name} over several axes {axes} is not accounted")
-                found.append(dict(primitive=name, axis=axes[0], bytes=nbytes(eqn.invars[0].aval),
-                                  perm=eqn.params.get("perm"), size=eqn.params.get("axis_size")))
+                found.append(
+                    dict(
+                        primitive=name,
+                        axis=axes[0],
+                        bytes=nbytes(eqn.invars[0].aval),
+                        perm=eqn.params.get("perm"),
+                        size=eqn.params.get("axis_size"),
+                    )
+                )
             elif name in ("psum", "psum_invariant", "all_to_all", "reduce_scatter", "pmax", "pmin"):
                 raise NotImplementedError(f"collective {name} in the displaced step is not accounted")
             for sub in jaxprs_in_params(eqn.params):
@@ -165,16 +183,26 @@ def collective_bytes(found: list, index: dict) -> tuple:
 
 
 # ---- one row ----
-def analyze(case: Case, unet=None, params=None, baseline: Optional[float] = None, with_flops: bool = True) -> dict:
+def analyze(
+    case: Case, unet=None, params=None, baseline: Optional[float] = None, with_flops: bool = True
+) -> dict:
     """All numbers of one case (bytes per device per displaced step; see `format_table` for the layout).
 
     `baseline`: the single-device FLOPs if already known; `with_flops=False` skips lowering (bytes only).
     """
     if unet is None:
         unet, params = abstract_model(case.config, case.dtype)
-    row = dict(height=case.height, width=case.width, devices=case.devices, cfg_split=case.cfg_split,
-               dtype=case.dtype, mode=case.mode, batch=case.batch, stale_kv=case.stale_kv,
-               stale_kv_dtype=case.stale_kv_dtype)
+    row = dict(
+        height=case.height,
+        width=case.width,
+        devices=case.devices,
+        cfg_split=case.cfg_split,
+        dtype=case.dtype,
+        mode=case.mode,
+        batch=case.batch,
+        stale_kv=case.stale_kv,
+        stale_kv_dtype=case.stale_kv_dtype,
+    )
     try:
         d = make_denoiser(unet, case)
     except ConfigError as e:
@@ -183,39 +211,66 @@ def analyze(case: Case, unet=None, params=None, baseline: Optional[float] = None
     p, g = d.patches, d.cfg_size
     # every layer's exchanged shapes, from a mode that keeps state of every kind (the case's mode may
     # exchange some synchronously, keeping nothing); the case's mode says which of them move
-    seen_of = lambda c: seen if c == case else trace_displaced_step(make_denoiser(unet, c), params,
-                                                                  abstract_inputs(case))[1]
+    seen_of = lambda c: (
+        seen if c == case else trace_displaced_step(make_denoiser(unet, c), params, abstract_inputs(case))[1]
+    )
     layers = seen_of(dataclasses.replace(case, mode="corrected_async_gn"))
     per_band = [ours_per_device(layers, i, p, g, case.mode) for i in range(p)]
     sent = [ours_per_device(layers, i, p, g, case.mode, sent=True) for i in range(p)]
     busiest = max(range(p), key=lambda i: sum(per_band[i].values()))
     # the reference keeps K and V in the activation dtype whatever our stale K/V options are
-    seen_ref = seen_of(dataclasses.replace(case, mode="corrected_async_gn", stale_kv="kv", stale_kv_dtype=None))
+    seen_ref = seen_of(
+        dataclasses.replace(case, mode="corrected_async_gn", stale_kv="kv", stale_kv_dtype=None)
+    )
     ours, ref = per_band[busiest], reference_per_device(seen_ref, p, case.devices, case.mode)
     found = collectives(traced.jaxpr)
-    check = all(collective_bytes(found, {CFG: c, PATCH: i}) == (sum(sent[i].values()), sum(per_band[i].values()))
-                for c in range(g) for i in range(p))
+    check = all(
+        collective_bytes(found, {CFG: c, PATCH: i}) == (sum(sent[i].values()), sum(per_band[i].values()))
+        for c in range(g)
+        for i in range(p)
+    )
     counts = {k: len(v) for k, v in state_by_kind(seen["state"]).items()}
     if with_flops:
         baseline = single_device_flops(unet, params, case) if baseline is None else baseline
         per_device = flops(traced.lower())
-        row.update(flops_per_device=per_device, flops_single_device=baseline, flops_ratio=per_device / baseline)
-    return dict(row, cfg_size=g, patches=p, busiest_band=busiest, layers_with_state=counts,
-                ours=dict(received=_with_total(ours), sent=_with_total(sent[busiest]),
-                          total_by_band=[sum(v.values()) for v in per_band],
-                          stale_bytes=sum(nbytes(a) for a in jax.tree.leaves(seen["state"]))),
-                reference=dict(received=_with_total(ref), sent=_with_total(ref),
-                               stale_bytes=reference_stale_bytes(seen_ref, p)),
-                collectives_match=check)
+        row.update(
+            flops_per_device=per_device, flops_single_device=baseline, flops_ratio=per_device / baseline
+        )
+    return dict(
+        row,
+        cfg_size=g,
+        patches=p,
+        busiest_band=busiest,
+        layers_with_state=counts,
+        ours=dict(
+            received=_with_total(ours),
+            sent=_with_total(sent[busiest]),
+            total_by_band=[sum(v.values()) for v in per_band],
+            stale_bytes=sum(nbytes(a) for a in jax.tree.leaves(seen["state"])),
+        ),
+        reference=dict(
+            received=_with_total(ref), sent=_with_total(ref), stale_bytes=reference_stale_bytes(seen_ref, p)
+        ),
+        collectives_match=check,
+    )
 
 
 def _with_total(v: dict) -> dict:
     return dict(v, total=sum(v.values()))
 
 
-def report(config: UNetConfig, sizes, devices, cfg_splits=(True,), dtype="bfloat16",
-           mode="corrected_async_gn", batch: int = 1, progress=None, stale_kv: str = "kv",
-           stale_kv_dtype: Optional[str] = None) -> list:
+def report(
+    config: UNetConfig,
+    sizes,
+    devices,
+    cfg_splits=(True,),
+    dtype="bfloat16",
+    mode="corrected_async_gn",
+    batch: int = 1,
+    progress=None,
+    stale_kv: str = "kv",
+    stale_kv_dtype: Optional[str] = None,
+) -> list:
     """Rows of `analyze` for every (size, cfg split, device count); sizes are (height, width) pixels."""
     unet, params = abstract_model(config, dtype)
     rows = []

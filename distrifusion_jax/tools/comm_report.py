@@ -54,7 +54,9 @@ def _cells(volumes: dict, stale: int) -> list:
 
 def format_rows(rows: list) -> list:
     """Table lines for rows of one (size, cfg split) group: an "ours" and a "distrifuser" line per N."""
-    lines = ruled(f"{'N':>3} {'mesh':>5}  {'':<11}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'FLOPs/dev (1/N)':>17}")
+    lines = ruled(
+        f"{'N':>3} {'mesh':>5}  {'':<11}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'FLOPs/dev (1/N)':>17}"
+    )
     for r in rows:
         if "error" in r:
             lines.append(f"{r['devices']:>3} {'':>5}  n/a: {r['error']}")
@@ -63,10 +65,14 @@ def format_rows(rows: list) -> list:
         ratio = f"{r['flops_ratio']:.3f} ({1 / r['devices']:.3f})" if "flops_ratio" in r else "-"
         for who, key, rat in (("ours (JAX)", "ours", ratio), ("distrifuser", "reference", "-")):
             cells = _cells(r[key]["received"], r[key]["stale_bytes"])
-            lines.append(f"{r['devices'] if key == 'ours' else '':>3} {mesh if key == 'ours' else '':>5}  "
-                         f"{who:<11}" + "".join(f"{c:>10}" for c in cells) + f"{rat:>17}")
+            lines.append(
+                f"{r['devices'] if key == 'ours' else '':>3} {mesh if key == 'ours' else '':>5}  "
+                f"{who:<11}" + "".join(f"{c:>10}" for c in cells) + f"{rat:>17}"
+            )
         if not r["collectives_match"]:
-            lines.append("    WARNING: these byte counts differ from the collectives found in the traced program")
+            lines.append(
+                "    WARNING: these byte counts differ from the collectives found in the traced program"
+            )
     return lines
 
 
@@ -77,17 +83,22 @@ def format_table(rows: list, model: str = "UNet") -> str:
         groups.setdefault((r["height"], r["width"], r["cfg_split"]), []).append(r)
     for (h, w, split), group in groups.items():
         r = group[0]
-        options = "" if (r.get("stale_kv", "kv"), r.get("stale_kv_dtype")) == ("kv", None) else (
-            f", stale {r['stale_kv']} in {r['stale_kv_dtype'] or r['dtype']}")
-        out.append(f"{model}, {w}x{h} (latent {w // 8}x{h // 8}), batch {r['batch']}, {r['dtype']}, "
-                   f"{'CFG split' if split else 'no CFG split'}, mode {r['mode']}{options}")
+        options = (
+            ""
+            if (r.get("stale_kv", "kv"), r.get("stale_kv_dtype")) == ("kv", None)
+            else (f", stale {r['stale_kv']} in {r['stale_kv_dtype'] or r['dtype']}")
+        )
+        out.append(
+            f"{model}, {w}x{h} (latent {w // 8}x{h // 8}), batch {r['batch']}, {r['dtype']}, "
+            f"{'CFG split' if split else 'no CFG split'}, mode {r['mode']}{options}"
+        )
         out += format_rows(group) + [""]
     return "\n".join(out + [NOTES])
 
 
 # ---- command line ----
 def parse_size(text: str) -> tuple:
-    """"1024" -> (1024, 1024); "768x1344" -> (768, 1344) as (height, width)."""
+    """ "1024" -> (1024, 1024); "768x1344" -> (768, 1344) as (height, width)."""
     h, _, w = text.lower().partition("x")
     return int(h), int(w or h)
 
@@ -96,16 +107,37 @@ def build_parser():
     p = parser(__doc__, "comm_report")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--config", help="diffusers UNet config.json (default: SDXL base)")
-    model.add_argument("--tiny", action="store_true",
-                       help="the micro-sdxl preset (the smallest SDXL-shaped UNet) and small images: a quick check")
-    p.add_argument("--sizes", nargs="+", type=parse_size, help="image sizes, N or HxW pixels "
-                   "(default 1024 2048 3840; --tiny: 128 256)")
-    p.add_argument("--device-counts", nargs="+", type=positive, default=[2, 4, 8], metavar="N",
-                   help="device counts to report (default 2 4 8)")
-    p.add_argument("--cfg-split", choices=("on", "off", "both"), default="on",
-                   help="guidance branches on two halves of the devices (distrifuser's split_batch; default on)")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
-                   help="activation and parameter dtype (default bfloat16)")
+    model.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the micro-sdxl preset (the smallest SDXL-shaped UNet) and small images: a quick check",
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        help="image sizes, N or HxW pixels (default 1024 2048 3840; --tiny: 128 256)",
+    )
+    p.add_argument(
+        "--device-counts",
+        nargs="+",
+        type=positive,
+        default=[2, 4, 8],
+        metavar="N",
+        help="device counts to report (default 2 4 8)",
+    )
+    p.add_argument(
+        "--cfg-split",
+        choices=("on", "off", "both"),
+        default="on",
+        help="guidance branches on two halves of the devices (distrifuser's split_batch; default on)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=DTYPE_NAMES,
+        help="activation and parameter dtype (default bfloat16)",
+    )
     p.add_argument("--batch", type=positive, default=1, help="images per prompt batch (default 1)")
     add_distri_flags(p, skip=set(FLAGS) - set(DISTRI_FLAGS))
     p.add_argument("--json", help="also write the numbers (bytes, FLOPs) to this JSON file")
@@ -129,15 +161,29 @@ def run(args) -> list:
     config, name, sizes = model_of(args)
     splits = {"on": (True,), "off": (False,), "both": (True, False)}[args.cfg_split]
     start = time.perf_counter()
-    progress = lambda r: print(f"  {r['width']}x{r['height']} N={r['devices']} "
-                               f"{'split' if r['cfg_split'] else 'no split'}: {time.perf_counter() - start:.1f} s",
-                               flush=True)
-    rows = report(config, args.sizes or sizes, args.device_counts, splits, args.dtype, args.mode, args.batch,
-                  progress=progress, stale_kv=args.stale_kv, stale_kv_dtype=args.stale_kv_dtype)
+    progress = lambda r: print(
+        f"  {r['width']}x{r['height']} N={r['devices']} "
+        f"{'split' if r['cfg_split'] else 'no split'}: {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+    rows = report(
+        config,
+        args.sizes or sizes,
+        args.device_counts,
+        splits,
+        args.dtype,
+        args.mode,
+        args.batch,
+        progress=progress,
+        stale_kv=args.stale_kv,
+        stale_kv_dtype=args.stale_kv_dtype,
+    )
     print()
     print(format_table(rows, name))
-    print(f"\n{len(rows)} configurations in {time.perf_counter() - start:.1f} s (abstract evaluation, "
-          f"JAX {jax.__version__}, {jax.device_count()} fake CPU devices)")
+    print(
+        f"\n{len(rows)} configurations in {time.perf_counter() - start:.1f} s (abstract evaluation, "
+        f"JAX {jax.__version__}, {jax.device_count()} fake CPU devices)"
+    )
     if args.json:
         write_json(args.json, {"model": name, "rows": rows})
         print(f"wrote {args.json}")

@@ -8,13 +8,18 @@ import jax
 
 from ..flags import OneLineErrorParser
 
-RawDescription = argparse.RawDescriptionHelpFormatter  # --help shows a module docstring's usage lines as written
+RawDescription = (
+    argparse.RawDescriptionHelpFormatter
+)  # --help shows a module docstring's usage lines as written
 
 
 def parser(module_doc: str, prog: str) -> OneLineErrorParser:
     """A tool's parser: `python -m distrifusion_jax.tools.<prog>`, its module docstring as the description."""
-    return OneLineErrorParser(prog=f"python -m distrifusion_jax.tools.{prog}", description=module_doc,
-                      formatter_class=RawDescription)
+    return OneLineErrorParser(
+        prog=f"python -m distrifusion_jax.tools.{prog}",
+        description=module_doc,
+        formatter_class=RawDescription,
+    )
 
 
 def describe(p: argparse.ArgumentParser, flag: str, text: str) -> None:

@@ -36,7 +36,10 @@ def compile_twice(d: Denoiser, params, inputs) -> list:
         lowered.compile()
         t2 = time.perf_counter()
         times.append((t1 - t0, t2 - t1))
-        print(f"  {label}: trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, total {t2 - t0:.1f} s", flush=True)
+        print(
+            f"  {label}: trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, total {t2 - t0:.1f} s",
+            flush=True,
+        )
     return times
 
 
@@ -49,8 +52,11 @@ def run(args) -> list:
     d = Denoiser(unet, dc, make_scheduler("ddim", scheduler_preset()), args.steps)
     inputs = abstract_inputs(Case(unet.config, dc.height, dc.width, len(d.devices)))
     dev = jax.devices()[0]
-    print(f"SDXL denoising loop, {dc.width}x{dc.height}, {args.steps} steps, {len(d.devices)} {dev.platform} "
-          f"device(s) ({dev.device_kind}), JAX {jax.__version__}, cache {cache}", flush=True)
+    print(
+        f"SDXL denoising loop, {dc.width}x{dc.height}, {args.steps} steps, {len(d.devices)} {dev.platform} "
+        f"device(s) ({dev.device_kind}), JAX {jax.__version__}, cache {cache}",
+        flush=True,
+    )
     try:
         return compile_twice(d, params, inputs)
     finally:

@@ -34,8 +34,10 @@ class BandPlan(PatchPlan):
     def __post_init__(self):
         super().__post_init__()
         if self.phase != "displaced" or self.mode not in EMULATED_MODES:
-            raise ConfigError(f"mode {self.mode!r} ({self.phase} step): one band is emulated only in displaced steps "
-                              f"that exchange nothing synchronously: use one of {', '.join(EMULATED_MODES)}")
+            raise ConfigError(
+                f"mode {self.mode!r} ({self.phase} step): one band is emulated only in displaced steps "
+                f"that exchange nothing synchronously: use one of {', '.join(EMULATED_MODES)}"
+            )
         if isinstance(self.n_bands, bool) or not isinstance(self.n_bands, int) or self.n_bands < 2:
             raise ConfigError(f"n_bands={self.n_bands!r}: one band of at least 2 is emulated")
 
@@ -46,16 +48,22 @@ class BandPlan(PatchPlan):
         if getattr(module, "exact_halo", False):  # conv_in: this step's rows from the neighbours, none here
             rows = [jnp.zeros(x.shape[:1] + (n,) + x.shape[2:], x.dtype) for n in (top, bottom)]
         else:
-            state = module.variable(STALE, "halo", jnp.zeros, x.shape[:1] + (top + bottom,) + x.shape[2:], x.dtype)
+            state = module.variable(
+                STALE, "halo", jnp.zeros, x.shape[:1] + (top + bottom,) + x.shape[2:], x.dtype
+            )
             rows = state.value[:, :top], state.value[:, top:]
         return jnp.concatenate([rows[0], x, rows[1]], axis=1)
 
     def whole_image_tokens(self, module, name, local):
         # the state as PatchPlan declares it (encoded values, and scales for float8 / int8)
-        whole = jax.ShapeDtypeStruct((local.shape[0], self.n_bands * local.shape[1]) + local.shape[2:], local.dtype)
+        whole = jax.ShapeDtypeStruct(
+            (local.shape[0], self.n_bands * local.shape[1]) + local.shape[2:], local.dtype
+        )
         encoded = jax.eval_shape(lambda a: compress.encode(a, self.stale_kv_dtype), whole)
-        values, scale = (None if s is None else module.variable(STALE, name + suffix, jnp.zeros, s.shape, s.dtype)
-                         for s, suffix in zip(encoded, ("", "_scale")))
+        values, scale = (
+            None if s is None else module.variable(STALE, name + suffix, jnp.zeros, s.shape, s.dtype)
+            for s, suffix in zip(encoded, ("", "_scale"))
+        )
         stale = compress.decode(values.value, None if scale is None else scale.value, local.dtype)
         return C.replace_own_tokens(stale, local, self.axis, 0)
 
@@ -69,16 +77,21 @@ class BandPlan(PatchPlan):
         return out[..., 0], out[..., 1]
 
 
-def band_step(unet, n_bands: int, mode: str = "corrected_async_gn", stale_kv: str = "kv", stale_kv_dtype=None):
+def band_step(
+    unet, n_bands: int, mode: str = "corrected_async_gn", stale_kv: str = "kv", stale_kv_dtype=None
+):
     """(apply(params, state, x, t, ehs, added) -> band 0's prediction, state_shapes(params, x, t, ehs, added))
     of one band of `n_bands` in a displaced step; the state's shapes come from a first call without one."""
-    band = unet.clone(parallel=BandPlan(mode=mode, n_bands=n_bands, stale_kv=stale_kv, stale_kv_dtype=stale_kv_dtype))
+    band = unet.clone(
+        parallel=BandPlan(mode=mode, n_bands=n_bands, stale_kv=stale_kv, stale_kv_dtype=stale_kv_dtype)
+    )
 
     def apply(params, state, x, t, ehs, added):
         return band.apply({"params": params, **state}, x, t, ehs, added, mutable=[STALE])[0]
 
     def state_shapes(params, x, t, ehs, added):
-        return jax.eval_shape(lambda p, *a: band.apply({"params": p}, *a, mutable=[STALE])[1], params, x, t, ehs,
-                              added)
+        return jax.eval_shape(
+            lambda p, *a: band.apply({"params": p}, *a, mutable=[STALE])[1], params, x, t, ehs, added
+        )
 
     return apply, state_shapes

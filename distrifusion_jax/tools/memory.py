@@ -74,8 +74,11 @@ def decode_memory(vae, params, size: int, n: int, tile_rows=None) -> dict:
 
 def format_row(row: dict) -> str:
     den, dec = row.get("denoise"), row.get("decode")
-    den = (f"{gb(den['weights'])} {gb(den['stale'])}         {gb(den['temp'])} {gb(den['peak'])}" if den
-           else "     -      -               -      -")
+    den = (
+        f"{gb(den['weights'])} {gb(den['stale'])}         {gb(den['temp'])} {gb(den['peak'])}"
+        if den
+        else "     -      -               -      -"
+    )
     dec = f"{gb(dec['temp'])} {gb(dec['peak'])}" if dec else "     -      -"
     return f" {row['size']:4d}^2 {row['devices']:3d} | {den} |       {dec} | {row['compile_s']:.0f}"
 
@@ -87,9 +90,12 @@ def run(args) -> list:
     vae = AutoencoderKL(sdxl_vae_config(), dtype=vdt, param_dtype=vdt, attention_impl=args.attention)
     params, vae_params = abstract_weights(unet, dt), abstract_weights(vae, vdt)
     dev = jax.devices()[0]
-    print(f"SDXL per-device memory (GB), batch 1 with CFG, UNet {args.dtype}, VAE {args.vae_dtype}, mode "
-          f"{args.mode}, attention {args.attention}, stale K/V {args.stale_kv_dtype or args.dtype} "
-          f"({args.stale_kv}); XLA memory analysis on {dev.platform}, JAX {jax.__version__}", flush=True)
+    print(
+        f"SDXL per-device memory (GB), batch 1 with CFG, UNet {args.dtype}, VAE {args.vae_dtype}, mode "
+        f"{args.mode}, attention {args.attention}, stale K/V {args.stale_kv_dtype or args.dtype} "
+        f"({args.stale_kv}); XLA memory analysis on {dev.platform}, JAX {jax.__version__}",
+        flush=True,
+    )
     print(" size     N | weights  stale  denoise: temp   peak | decode: temp   peak | compile s")
     rows = []
     for size in args.sizes:
@@ -113,18 +119,36 @@ def run(args) -> list:
 def build_parser():
     p = parser(__doc__, "memory")
     p.add_argument("--sizes", type=positive, nargs="+", default=[1024, 2048, 3840], help="square image sizes")
-    p.add_argument("--device-counts", type=positive, nargs="+", default=[1, 2, 4, 8], metavar="N",
-                   help="device counts (default 1 2 4 8)")
+    p.add_argument(
+        "--device-counts",
+        type=positive,
+        nargs="+",
+        default=[1, 2, 4, 8],
+        metavar="N",
+        help="device counts (default 1 2 4 8)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="the UNet's dtype")
-    p.add_argument("--vae-dtype", default="float32", choices=DTYPE_NAMES,
-                   help="the VAE's dtype (SDXL's VAE asks for float32)")
-    p.add_argument("--attention", default="chunked", choices=[i for i in IMPLEMENTATIONS if i],
-                   help="attention implementation (default chunked)")
+    p.add_argument(
+        "--vae-dtype",
+        default="float32",
+        choices=DTYPE_NAMES,
+        help="the VAE's dtype (SDXL's VAE asks for float32)",
+    )
+    p.add_argument(
+        "--attention",
+        default="chunked",
+        choices=[i for i in IMPLEMENTATIONS if i],
+        help="attention implementation (default chunked)",
+    )
     add_distri_flags(p, skip=set(FLAGS) - set(DISTRI_FLAGS))
     p.add_argument("--no-decode", action="store_true", help="only the denoising loop")
     p.add_argument("--no-denoise", action="store_true", help="only the VAE decode")
-    p.add_argument("--decode-tile-rows", type=positive, default=None,
-                   help="one-device decode in overlapping tiles of this many latent rows (Decoder(tile_rows=))")
+    p.add_argument(
+        "--decode-tile-rows",
+        type=positive,
+        default=None,
+        help="one-device decode in overlapping tiles of this many latent rows (Decoder(tile_rows=))",
+    )
     p.add_argument("--json", help="also write the numbers to this JSON file")
     return p
 

@@ -41,10 +41,17 @@ from .fmt import write_json
 from .timing import first_call, random_params, timed
 
 # one direction of the per-GPU interconnect (bytes/s), as published by the vendors
-BANDWIDTHS = {"A100 NVLink3 (300 GB/s)": 300e9, "H100 NVLink4 (450 GB/s)": 450e9,
-              "PCIe 4.0 x16 (32 GB/s)": 32e9}
+BANDWIDTHS = {
+    "A100 NVLink3 (300 GB/s)": 300e9,
+    "H100 NVLink4 (450 GB/s)": 450e9,
+    "PCIe 4.0 x16 (32 GB/s)": 32e9,
+}
 DTYPE = jnp.bfloat16
-DISTRI_FLAGS = ("mode", "stale_kv", "stale_kv_dtype")  # the displaced step's; the layout is N/2 bands x CFG split
+DISTRI_FLAGS = (
+    "mode",
+    "stale_kv",
+    "stale_kv_dtype",
+)  # the displaced step's; the layout is N/2 bands x CFG split
 
 
 # ---- what one device computes ----
@@ -55,8 +62,12 @@ def step_shapes(config: UNetConfig, size: int, n: int) -> tuple:
     s, h = jax.ShapeDtypeStruct, size // 8
     text_dim = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
     added = {"text_embeds": s((batch, text_dim), DTYPE), "time_ids": s((batch, SDXL_TIME_IDS), jnp.float32)}
-    return bands, (s((batch, h // bands, h, 4), jnp.float32), s((batch,), jnp.float32),
-                   s((batch, TEXT_TOKENS, config.cross_attention_dim[0]), DTYPE), added)
+    return bands, (
+        s((batch, h // bands, h, 4), jnp.float32),
+        s((batch,), jnp.float32),
+        s((batch, TEXT_TOKENS, config.cross_attention_dim[0]), DTYPE),
+        added,
+    )
 
 
 def step_program(unet, params, size: int, n: int, args) -> tuple:
@@ -86,13 +97,26 @@ def measure(args) -> dict:
     base = UNet2DConditionModel(config, dtype=DTYPE, param_dtype=DTYPE, attention_impl=args.attention)
     params = jax.block_until_ready(random_params(base, DTYPE))
     dev = jax.devices()[0]
-    out = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-           "attention": args.attention, "mode": args.mode, "rows": []}
+    out = {
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "attention": args.attention,
+        "mode": args.mode,
+        "rows": [],
+    }
     for size in args.sizes:
         for n in [1] + list(args.device_counts):
             fn, (_, *state, x, t, ehs, added) = step_program(base, params, size, n, args)
             # zeros for the state and inputs, timestep 500: the cost does not depend on the values
-            fargs = (params, *zeros(state), zeros(x), jnp.full(t.shape, 500.0, t.dtype), zeros(ehs), zeros(added))
+            fargs = (
+                params,
+                *zeros(state),
+                zeros(x),
+                jnp.full(t.shape, 500.0, t.dtype),
+                zeros(ehs),
+                zeros(added),
+            )
             call = lambda: fn(*fargs).block_until_ready()
             _, compile_s = first_call(call)
             r = timed(call, args.repeats)
@@ -100,8 +124,11 @@ def measure(args) -> dict:
             out["rows"].append(dict(size=size, devices=n, bands=bands, batch=batch, compile_s=compile_s, **r))
             if args.json:  # after every row, so a run cut short still leaves its measurements
                 write_json(args.json, out, indent=2)
-            print(f"  {size}^2 N={n} ({bands} band(s), batch {batch}): {1e3 * r['median_s']:.2f} ms "
-                  f"(min {1e3 * r['min_s']:.2f}, max {1e3 * r['max_s']:.2f}), compile {compile_s:.1f} s", flush=True)
+            print(
+                f"  {size}^2 N={n} ({bands} band(s), batch {batch}): {1e3 * r['median_s']:.2f} ms "
+                f"(min {1e3 * r['min_s']:.2f}, max {1e3 * r['max_s']:.2f}), compile {compile_s:.1f} s",
+                flush=True,
+            )
     return out
 
 
@@ -113,8 +140,11 @@ def read_inputs(args) -> tuple:
     with open(args.comm) as f:
         comm = json.load(f)
     rows = comm["rows"] if isinstance(comm, dict) and "rows" in comm else comm
-    received = {(r["height"], r["devices"]): r["ours"]["received"]["total"] for r in rows
-                if r.get("cfg_split", True) and "ours" in r}
+    received = {
+        (r["height"], r["devices"]): r["ours"]["received"]["total"]
+        for r in rows
+        if r.get("cfg_split", True) and "ours" in r
+    }
     return measured, {(r["size"], r["devices"]): r["median_s"] for r in measured["rows"]}, received
 
 
@@ -123,14 +153,18 @@ def bandwidth_cells(compute: float, comm_bytes: float, single: float) -> list:
     cells = []
     for bw in BANDWIDTHS.values():
         c = comm_bytes / bw
-        cells.append(f"{1e3 * max(compute, c):8.1f} / {1e3 * (compute + c):8.1f} ms ({single / max(compute, c):.1f}x)")
+        cells.append(
+            f"{1e3 * max(compute, c):8.1f} / {1e3 * (compute + c):8.1f} ms ({single / max(compute, c):.1f}x)"
+        )
     return cells
 
 
 def project(args) -> None:
     measured, by, received = read_inputs(args)
-    print(f"Projected per-step latency of a displaced step (PROJECTION; compute measured on one "
-          f"{measured['device']}, {measured['date']}; communication from the comm report)")
+    print(
+        f"Projected per-step latency of a displaced step (PROJECTION; compute measured on one "
+        f"{measured['device']}, {measured['date']}; communication from the comm report)"
+    )
     head = " ".join(f"{name:>28}" for name in BANDWIDTHS)
     print(f"{'size':>6} {'N':>2} {'1-dev step':>11} {'1/N of it':>10} {'band compute':>12}  {head}")
     for (size, n), compute in sorted(by.items()):
@@ -138,9 +172,13 @@ def project(args) -> None:
             continue
         single = by[(size, 1)]
         cells = bandwidth_cells(compute, received.get((size, n), 0), single)
-        print(f"{size:>6} {n:>2} {1e3 * single:9.1f}ms {1e3 * single / n:8.1f}ms {1e3 * compute:10.1f}ms  "
-              + " ".join(f"{cell:>28}" for cell in cells))
-    print("cells: overlapped max(compute, comm) / serial compute + comm, and the overlapped speedup vs 1 device")
+        print(
+            f"{size:>6} {n:>2} {1e3 * single:9.1f}ms {1e3 * single / n:8.1f}ms {1e3 * compute:10.1f}ms  "
+            + " ".join(f"{cell:>28}" for cell in cells)
+        )
+    print(
+        "cells: overlapped max(compute, comm) / serial compute + comm, and the overlapped speedup vs 1 device"
+    )
 
 
 def estimate(args) -> dict:
@@ -148,17 +186,26 @@ def estimate(args) -> dict:
     measured, by, received = read_inputs(args)
     counts = sorted({n for _, n in by})
     pairs = [tuple(int(v) for v in c.split(":")) for c in args.check] + [
-        (max(sz for sz, _ in by), size) for size in args.sizes]
+        (max(sz for sz, _ in by), size) for size in args.sizes
+    ]
     out = {"measured": args.measured, "device": measured["device"], "rows": []}
-    print(f"ESTIMATES from XLA FLOP counts and the throughput measured on one {measured['device']} "
-          f"({measured['date']}); communication from the comm report")
+    print(
+        f"ESTIMATES from XLA FLOP counts and the throughput measured on one {measured['device']} "
+        f"({measured['date']}); communication from the comm report"
+    )
     for ref, size in pairs:
         counted = {n: (step_flops(config, ref, n, args), step_flops(config, size, n, args)) for n in counts}
         est = {n: by[(ref, n)] * f_new / f_ref for n, (f_ref, f_new) in counted.items()}
         for n in counts:
-            row = {"size": size, "from_size": ref, "devices": n, "flops": counted[n][1],
-                   "tflops_per_s_at_from_size": counted[n][0] / by[(ref, n)] / 1e12, "estimated_s": est[n],
-                   "measured_s": by.get((size, n))}
+            row = {
+                "size": size,
+                "from_size": ref,
+                "devices": n,
+                "flops": counted[n][1],
+                "tflops_per_s_at_from_size": counted[n][0] / by[(ref, n)] / 1e12,
+                "estimated_s": est[n],
+                "measured_s": by.get((size, n)),
+            }
             if n > 1:
                 for name, bw in BANDWIDTHS.items():
                     c = received.get((size, n), 0) / bw
@@ -166,8 +213,11 @@ def estimate(args) -> dict:
             cells = bandwidth_cells(est[n], received.get((size, n), 0), est[1]) if n > 1 else []
             out["rows"].append(row)
             got = f", measured {1e3 * row['measured_s']:.1f} ms" if row["measured_s"] else ""
-            print(f"{size}^2 N={n} (from {ref}^2): {counted[n][1] / 1e12:7.1f} TFLOP, estimated "
-                  f"{1e3 * est[n]:8.1f} ms{got}  " + "  ".join(cells), flush=True)
+            print(
+                f"{size}^2 N={n} (from {ref}^2): {counted[n][1] / 1e12:7.1f} TFLOP, estimated "
+                f"{1e3 * est[n]:8.1f} ms{got}  " + "  ".join(cells),
+                flush=True,
+            )
     print("cells: " + ", ".join(BANDWIDTHS) + ": overlapped max(compute, comm) / serial, speedup vs 1 device")
     if args.json:
         write_json(args.json, out)
@@ -187,7 +237,9 @@ def check(args) -> None:
     BandPlan(mode=args.mode, stale_kv=args.stale_kv, stale_kv_dtype=args.stale_kv_dtype)
     odd = [n for n in getattr(args, "device_counts", ()) if n % 2]
     if odd:
-        raise ConfigError(f"--device-counts {' '.join(map(str, odd))}: the CFG split needs an even device count")
+        raise ConfigError(
+            f"--device-counts {' '.join(map(str, odd))}: the CFG split needs an even device count"
+        )
 
 
 def run(args):
@@ -200,14 +252,28 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineErrorParser)
     skip = set(FLAGS) - set(DISTRI_FLAGS)
     m = sub.add_parser("measure", help="time one device's step for 1 and N devices (emulated bands)")
-    m.add_argument("--sizes", type=positive, nargs="+", default=[1024, 2048], help="square image sizes in pixels")
-    m.add_argument("--device-counts", type=positive, nargs="+", default=[2, 4, 8], metavar="N",
-                   help="even device counts (CFG split: N/2 bands)")
+    m.add_argument(
+        "--sizes", type=positive, nargs="+", default=[1024, 2048], help="square image sizes in pixels"
+    )
+    m.add_argument(
+        "--device-counts",
+        type=positive,
+        nargs="+",
+        default=[2, 4, 8],
+        metavar="N",
+        help="even device counts (CFG split: N/2 bands)",
+    )
     add_distri_flags(m, skip=skip)
-    m.add_argument("--attention", default="cudnn", choices=[i for i in IMPLEMENTATIONS if i],
-                   help="attention implementation (default cudnn; xla or chunked on a CPU)")
+    m.add_argument(
+        "--attention",
+        default="cudnn",
+        choices=[i for i in IMPLEMENTATIONS if i],
+        help="attention implementation (default cudnn; xla or chunked on a CPU)",
+    )
     m.add_argument("--repeats", type=positive, default=5)
-    m.add_argument("--config", default=None, help="a UNet config.json with text_time conditioning (default: SDXL)")
+    m.add_argument(
+        "--config", default=None, help="a UNet config.json with text_time conditioning (default: SDXL)"
+    )
     m.add_argument("--json", default=None)
     m.set_defaults(func=measure)
     q = sub.add_parser("project", help="projected latencies from a measurement and a comm report")
@@ -218,8 +284,13 @@ def build_parser():
     e.add_argument("measured")
     e.add_argument("comm")
     e.add_argument("--sizes", type=positive, nargs="+", default=[3840])
-    e.add_argument("--check", nargs="*", default=[], metavar="FROM:TO",
-                   help="also estimate a measured size from a smaller one, e.g. 1024:2048, to show the error")
+    e.add_argument(
+        "--check",
+        nargs="*",
+        default=[],
+        metavar="FROM:TO",
+        help="also estimate a measured size from a smaller one, e.g. 1024:2048, to show the error",
+    )
     add_distri_flags(e, skip=skip)
     e.add_argument("--config", default=None)
     e.add_argument("--json", default=None)

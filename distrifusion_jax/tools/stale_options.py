@@ -59,8 +59,10 @@ def micro_setup(height: int, width: int) -> tuple:
     rng = np.random.default_rng(0)
     latents = jnp.asarray(rng.standard_normal((1, height // 8, width // 8, 4)), jnp.float32)
     ehs = jnp.asarray(rng.standard_normal((2, 7, unet.config.cross_attention_dim[0])), jnp.float32)
-    added = {"text_embeds": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
-             "time_ids": jnp.asarray([[float(height), float(width), 0.0]] * 2, jnp.float32)}
+    added = {
+        "text_embeds": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32),
+        "time_ids": jnp.asarray([[float(height), float(width), 0.0]] * 2, jnp.float32),
+    }
     return unet, unet.init_params(seed=0), (latents, ehs, added), make_scheduler("ddim", scheduler_preset())
 
 
@@ -85,19 +87,27 @@ def final_latents() -> dict:
 
 def print_micro(out: dict) -> None:
     single, default = out["single device"], out["default (kv, compute dtype)"]
-    sizes = {name: stale_bytes(unet_preset("micro-sdxl"), HEIGHT, WIDTH, DEVICES, "float32", **o)
-             for name, o in OPTIONS.items()}
-    print(f"micro-sdxl UNet, {WIDTH}x{HEIGHT}, float32, {DEVICES} devices (mesh 2x4), {STEPS} DDIM steps, "
-          f"warmup {WARMUP}, corrected_async_gn")
+    sizes = {
+        name: stale_bytes(unet_preset("micro-sdxl"), HEIGHT, WIDTH, DEVICES, "float32", **o)
+        for name, o in OPTIONS.items()
+    }
+    print(
+        f"micro-sdxl UNet, {WIDTH}x{HEIGHT}, float32, {DEVICES} devices (mesh 2x4), {STEPS} DDIM steps, "
+        f"warmup {WARMUP}, corrected_async_gn"
+    )
     head = f"{'option':<28}{'attn state':>12}{'(x)':>7}{'all state':>12}{'err vs 1 device':>17}{'vs default':>12}"
     print(head + "\n" + "-" * len(head))
     kv0 = sizes["default (kv, compute dtype)"][0]
     for name in OPTIONS:
         kv, total = sizes[name]
-        print(f"{name:<28}{kv:>12,}{kv / kv0:>7.3f}{total:>12,}{rel_l2(out[name], single):>17.4f}"
-              f"{rel_l2(out[name], default):>12.1e}")
-    print("(bytes per device; 'attn state' is the self-attention part of the stale state, 'all state' adds "
-          "conv halos and GroupNorm statistics)")
+        print(
+            f"{name:<28}{kv:>12,}{kv / kv0:>7.3f}{total:>12,}{rel_l2(out[name], single):>17.4f}"
+            f"{rel_l2(out[name], default):>12.1e}"
+        )
+    print(
+        "(bytes per device; 'attn state' is the self-attention part of the stale state, 'all state' adds "
+        "conv halos and GroupNorm statistics)"
+    )
 
 
 def print_sdxl(n: int) -> None:
@@ -123,7 +133,9 @@ def run(args) -> None:
 
 def build_parser():
     p = parser(__doc__, "stale_options")
-    p.add_argument("--sdxl", type=positive, metavar="SIZE", help="also SDXL base's stale bytes at SIZE^2 on 8 devices")
+    p.add_argument(
+        "--sdxl", type=positive, metavar="SIZE", help="also SDXL base's stale bytes at SIZE^2 on 8 devices"
+    )
     return p
 
 

@@ -21,7 +21,12 @@ def timed(fn, repeats: int, warmup: int = 3) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+    }
 
 
 def first_call(fn) -> tuple:
@@ -67,8 +72,21 @@ def random_params(model, dtype, seed: int = 0, sharding=None):
     out = []
     for i, (path, a) in enumerate(leaves):
         name = path[-1].key
-        scale, offset = ((1 / np.sqrt(np.prod(a.shape[:-1])), 0.0) if name == "kernel" else
-                         (0.02, 1.0) if name == "scale" else (0.02, 0.0))
-        out.append(draw(np.uint32(seed), np.uint32(i), np.float32(scale), np.float32(offset), tuple(a.shape),
-                        jnp.dtype(dtype)))
+        scale, offset = (
+            (1 / np.sqrt(np.prod(a.shape[:-1])), 0.0)
+            if name == "kernel"
+            else (0.02, 1.0)
+            if name == "scale"
+            else (0.02, 0.0)
+        )
+        out.append(
+            draw(
+                np.uint32(seed),
+                np.uint32(i),
+                np.float32(scale),
+                np.float32(offset),
+                tuple(a.shape),
+                jnp.dtype(dtype),
+            )
+        )
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -45,8 +45,10 @@ def jax_inputs(config: UNetConfig, size: int, batch: int, dtype) -> tuple:
     added = None
     if config.addition_embed_type == "text_time":
         d = config.projection_class_embeddings_input_dim - SDXL_TIME_IDS * config.addition_time_embed_dim
-        added = {"text_embeds": jnp.asarray(rng.standard_normal((batch, d)), dtype),
-                 "time_ids": jnp.tile(jnp.asarray([[size, size, 0, 0, size, size]], jnp.float32), (batch, 1))}
+        added = {
+            "text_embeds": jnp.asarray(rng.standard_normal((batch, d)), dtype),
+            "time_ids": jnp.tile(jnp.asarray([[size, size, 0, 0, size, size]], jnp.float32), (batch, 1)),
+        }
     return x, jnp.full((batch,), 500.0), ehs, added
 
 
@@ -82,9 +84,13 @@ def jax_loop(unet, params, inputs, steps, impl, repeats):
     """The whole single-device DDIM loop (CFG 5), jitted, as `make_denoise_fn` runs it."""
     x, _, ehs, added = inputs
     size = 8 * x.shape[1]
-    denoise = make_denoise_fn(unet.clone(attention_impl=impl), DistriConfig(size, size, devices=1),
-                              make_scheduler("ddim", scheduler_preset()), num_inference_steps=steps,
-                              guidance_scale=5.0)
+    denoise = make_denoise_fn(
+        unet.clone(attention_impl=impl),
+        DistriConfig(size, size, devices=1),
+        make_scheduler("ddim", scheduler_preset()),
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+    )
     lat = x[: x.shape[0] // 2]
     call = lambda: denoise(params, lat, ehs, added).block_until_ready()
     _, first = first_call(call)
@@ -107,13 +113,19 @@ def torch_step(raw_config, size, batch, dtype_name, repeats):
     h = size // 8
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 4, h, h, device=device, dtype=tdtype, generator=g)
-    ehs = torch.randn(batch, TEXT_TOKENS, raw_config["cross_attention_dim"], device=device, dtype=tdtype, generator=g)
+    ehs = torch.randn(
+        batch, TEXT_TOKENS, raw_config["cross_attention_dim"], device=device, dtype=tdtype, generator=g
+    )
     kwargs = {}
     if raw_config.get("addition_embed_type") == "text_time":
-        d = raw_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * raw_config["addition_time_embed_dim"]
+        d = (
+            raw_config["projection_class_embeddings_input_dim"]
+            - SDXL_TIME_IDS * raw_config["addition_time_embed_dim"]
+        )
         kwargs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(batch, d, device=device, dtype=tdtype, generator=g),
-            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=tdtype)}
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=tdtype),
+        }
     t = torch.full((batch,), 500.0, device=device)
 
     def run():
@@ -134,20 +146,32 @@ def print_summary(results: dict, args) -> None:
     for name, r in results.items():
         if isinstance(r, dict) and "median_s" in r and "steps" not in r:
             tflops = SDXL_STEP_TFLOPS * scale / r["median_s"] if not args.small else float("nan")
-            print(f"  {name:<18} {1e3 * r['median_s']:8.2f} ms  (min {1e3 * r['min_s']:.2f}, max "
-                  f"{1e3 * r['max_s']:.2f})  ~{tflops:.0f} TFLOP/s" + (
-                      f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else ""))
+            print(
+                f"  {name:<18} {1e3 * r['median_s']:8.2f} ms  (min {1e3 * r['min_s']:.2f}, max "
+                f"{1e3 * r['max_s']:.2f})  ~{tflops:.0f} TFLOP/s"
+                + (f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else "")
+            )
 
 
 def run(args) -> dict:
     raw = preset_dict(SMALL if args.small else "sdxl-base-1.0", "unet")
     config, dtype, dev = UNetConfig.from_dict(raw), jnp.dtype(args.dtype), jax.devices()[0]
-    print(f"device: {dev.device_kind} ({dev.platform}), JAX {jax.__version__}, {args.size}^2, batch {args.batch}, "
-          f"{args.dtype}", flush=True)
+    print(
+        f"device: {dev.device_kind} ({dev.platform}), JAX {jax.__version__}, {args.size}^2, batch {args.batch}, "
+        f"{args.dtype}",
+        flush=True,
+    )
     impls = [None if i == "default" else i for i in args.impls.split(",")]
-    results = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__, "size": args.size,
-               "batch": args.batch, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"),
-               "model": f"{SMALL} UNet" if args.small else "sdxl-base-1.0 UNet (random weights)"}
+    results = {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "jax": jax.__version__,
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "date": time.strftime("%Y-%m-%d"),
+        "model": f"{SMALL} UNet" if args.small else "sdxl-base-1.0 UNet (random weights)",
+    }
     step_results, (unet, params, inputs) = jax_step(config, args.size, args.batch, dtype, args.repeats, impls)
     results.update(step_results)
     if args.loop_steps:
@@ -170,7 +194,9 @@ def build_parser():
     p.add_argument("--batch", type=positive, default=2, help="UNet batch (2 = one image with CFG)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     p.add_argument("--repeats", type=positive, default=10)
-    p.add_argument("--small", action="store_true", help=f"the {SMALL} preset's UNet (a check of the tool on a CPU)")
+    p.add_argument(
+        "--small", action="store_true", help=f"the {SMALL} preset's UNet (a check of the tool on a CPU)"
+    )
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--impls", default="default,cudnn", help="attention implementations to try")
     p.add_argument("--loop-steps", type=int, default=0, help="also time the whole jitted DDIM loop")

@@ -2,19 +2,32 @@
 
 from .clip import load_text_encoder
 from .files import (
-                    CONVERTED_WEIGHTS,
-                    DIFFUSERS_WEIGHTS,
-                    check_folder,
-                    check_keys,
-                    find_weight_files,
-                    read_params,
-                    read_safetensors,
-                    read_shapes,
-                    resolve_dtype,
+    CONVERTED_WEIGHTS,
+    DIFFUSERS_WEIGHTS,
+    check_folder,
+    check_keys,
+    find_weight_files,
+    read_params,
+    read_safetensors,
+    read_shapes,
+    resolve_dtype,
 )
 from .unet import load_unet, read_unet_params, save_unet_diffusers
 from .vae import load_vae
 
-__all__ = ["CONVERTED_WEIGHTS", "DIFFUSERS_WEIGHTS", "check_folder", "check_keys", "find_weight_files",
-           "read_params", "read_safetensors", "read_shapes", "resolve_dtype", "load_unet", "read_unet_params",
-           "save_unet_diffusers", "load_text_encoder", "load_vae"]
+__all__ = [
+    "CONVERTED_WEIGHTS",
+    "DIFFUSERS_WEIGHTS",
+    "check_folder",
+    "check_keys",
+    "find_weight_files",
+    "read_params",
+    "read_safetensors",
+    "read_shapes",
+    "resolve_dtype",
+    "load_unet",
+    "read_unet_params",
+    "save_unet_diffusers",
+    "load_text_encoder",
+    "load_vae",
+]

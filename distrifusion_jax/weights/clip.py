@@ -33,8 +33,16 @@ def read_text_encoder_params(path, dtype=jnp.float32, variant: Optional[str] = N
     raw = read_json(folder / "config.json")
     cls, config = text_encoder_class(raw), CLIPTextConfig.from_dict(raw)
     expected = {k: tuple(v.shape) for k, v in keymap.flatten(cls(config).abstract_params()).items()}
-    flat = read_params(folder, expected, TRANSFORMERS_WEIGHTS, dtype, variant, key_map=text_encoder_key_map,
-                       progress=progress, what="transformers text encoder (e.g. <pipeline>/text_encoder_2)")
+    flat = read_params(
+        folder,
+        expected,
+        TRANSFORMERS_WEIGHTS,
+        dtype,
+        variant,
+        key_map=text_encoder_key_map,
+        progress=progress,
+        what="transformers text encoder (e.g. <pipeline>/text_encoder_2)",
+    )
     return cls, config, flat
 
 

@@ -21,6 +21,7 @@ CONVERTED_WEIGHTS = "flax_params.safetensors"  # written by our converter, keyed
 VARIANTS = (None, "fp16", "bf16")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
+
 def resolve_dtype(dtype) -> np.dtype:
     """'bfloat16' / jnp.bfloat16 / np.float32 ... -> numpy dtype; a clear error for anything else."""
     if isinstance(dtype, str):
@@ -37,13 +38,16 @@ def resolve_dtype(dtype) -> np.dtype:
 def _refuse_pickles(folder: Path) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise CheckpointError(f"{folder}: only pickle checkpoints found ({', '.join(pickles)}); they are never "
-                              "unpickled here: re-save the model with safetensors (diffusers: "
-                              "save_pretrained(..., safe_serialization=True))")
+        raise CheckpointError(
+            f"{folder}: only pickle checkpoints found ({', '.join(pickles)}); they are never "
+            "unpickled here: re-save the model with safetensors (diffusers: "
+            "save_pretrained(..., safe_serialization=True))"
+        )
 
 
-def find_weight_files(folder: Path, stem: str = DIFFUSERS_WEIGHTS, variant: Optional[str] = None,
-                      what: str = "diffusers UNet") -> list[Path]:
+def find_weight_files(
+    folder: Path, stem: str = DIFFUSERS_WEIGHTS, variant: Optional[str] = None, what: str = "diffusers UNet"
+) -> list[Path]:
     """The safetensors files of a diffusers component folder: single file or shards listed in an index.
 
     Without `variant`, full precision is preferred, then the fp16 and bf16 variants.
@@ -60,15 +64,19 @@ def find_weight_files(folder: Path, stem: str = DIFFUSERS_WEIGHTS, variant: Opti
             shards = [folder / s for s in sorted(set(weight_map.values()))]
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
-                raise CheckpointError(f"{index} lists shard(s) that are not there: {', '.join(missing)}; "
-                                      "download the complete checkpoint")
+                raise CheckpointError(
+                    f"{index} lists shard(s) that are not there: {', '.join(missing)}; "
+                    "download the complete checkpoint"
+                )
             return shards
         if (folder / name).is_file():
             return [folder / name]
     _refuse_pickles(folder)
     wanted = f"{stem}{'.' + variant if variant else ''}.safetensors"
-    raise CheckpointError(f"{folder}: no {wanted} (or sharded index) found; point to a {what} folder "
-                          "or one written by `distrifusion-jax convert`")
+    raise CheckpointError(
+        f"{folder}: no {wanted} (or sharded index) found; point to a {what} folder "
+        "or one written by `distrifusion-jax convert`"
+    )
 
 
 def read_safetensors(files: list[Path]):
@@ -79,8 +87,9 @@ def read_safetensors(files: list[Path]):
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}); download or convert "
-                                  "it again") from None
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors file ({e}); download or convert it again"
+            ) from None
 
 
 def read_shapes(files: list[Path]) -> dict[str, tuple]:
@@ -92,8 +101,9 @@ def read_shapes(files: list[Path]) -> dict[str, tuple]:
                 for key in f.keys():
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e}); download or convert "
-                                  "it again") from None
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors file ({e}); download or convert it again"
+            ) from None
     return shapes
 
 
@@ -101,19 +111,35 @@ def check_keys(expected: dict[str, tuple], found: dict[str, tuple], source: str)
     """Fail with the lists of missing keys, unexpected keys and shape mismatches (Flax paths)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(f"{k}: checkpoint {found[k]} vs model {expected[k]}"
-                        for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
+    mismatched = sorted(
+        f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+        for k in set(expected) & set(found)
+        if tuple(found[k]) != tuple(expected[k])
+    )
     if missing or unexpected or mismatched:
+
         def fmt(name, items):
             head = "; ".join(items[:8]) + (f"; ... ({len(items) - 8} more)" if len(items) > 8 else "")
             return f"{len(items)} {name}" + (f" [{head}]" if items else "")
-        raise CheckpointError(f"{source} does not match the model config: " + ", ".join(
-            [fmt("missing", missing), fmt("unexpected", unexpected), fmt("shape mismatches", mismatched)]))
+
+        raise CheckpointError(
+            f"{source} does not match the model config: "
+            + ", ".join(
+                [fmt("missing", missing), fmt("unexpected", unexpected), fmt("shape mismatches", mismatched)]
+            )
+        )
 
 
-
-def read_params(folder: Path, expected: dict, stem: str, dtype, variant: Optional[str] = None,
-                key_map: Optional[Callable] = None, progress=None, what: str = "diffusers UNet") -> dict:
+def read_params(
+    folder: Path,
+    expected: dict,
+    stem: str,
+    dtype,
+    variant: Optional[str] = None,
+    key_map: Optional[Callable] = None,
+    progress=None,
+    what: str = "diffusers UNet",
+) -> dict:
     """Flat {Flax path: numpy array in dtype} for a model whose abstract parameters are `expected`
     ({path: shape}), from our converted file if present, else the `stem` safetensors of `folder`.
 
@@ -126,7 +152,11 @@ def read_params(folder: Path, expected: dict, stem: str, dtype, variant: Optiona
     converted = (folder / CONVERTED_WEIGHTS).is_file()
     files = [folder / CONVERTED_WEIGHTS] if converted else find_weight_files(folder, stem, variant, what)
     shapes = read_shapes(files)
-    plan = {k: (k, s, None) for k, s in shapes.items()} if converted else {k: key_map(k, s) for k, s in shapes.items()}
+    plan = (
+        {k: (k, s, None) for k, s in shapes.items()}
+        if converted
+        else {k: key_map(k, s) for k, s in shapes.items()}
+    )
     plan = {k: v for k, v in plan.items() if v is not None}
     check_keys(expected, {p: s for p, s, _ in plan.values()}, f"{files[0].parent}")
     flat = {}
@@ -148,15 +178,20 @@ def check_folder(path, what: str = "UNet") -> Path:
     folder = Path(os.fspath(path)).expanduser()
     if folder.is_file():
         if folder.suffix in PICKLE_SUFFIXES:
-            raise CheckpointError(f"{folder}: pickle checkpoints are never unpickled here; re-save the model with "
-                                  "safetensors (diffusers: save_pretrained(..., safe_serialization=True))")
-        raise CheckpointError(f"{folder} is a file; pass the model folder that holds config.json and the "
-                              "safetensors weights")
+            raise CheckpointError(
+                f"{folder}: pickle checkpoints are never unpickled here; re-save the model with "
+                "safetensors (diffusers: save_pretrained(..., safe_serialization=True))"
+            )
+        raise CheckpointError(
+            f"{folder} is a file; pass the model folder that holds config.json and the safetensors weights"
+        )
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
         if not any(folder.glob("*.safetensors")):
             _refuse_pickles(folder)
-        raise CheckpointError(f"{folder}: no config.json; pass a diffusers {what} folder (e.g. "
-                              f"<pipeline>/{what.lower()}) or one written by `distrifusion-jax convert`")
+        raise CheckpointError(
+            f"{folder}: no config.json; pass a diffusers {what} folder (e.g. "
+            f"<pipeline>/{what.lower()}) or one written by `distrifusion-jax convert`"
+        )
     return folder

@@ -20,12 +20,19 @@ def read_unet_params(path, dtype=np.float32, variant: Optional[str] = None, prog
     """(UNetConfig, flat {Flax path: numpy array in `dtype`}) from a diffusers or converted UNet folder."""
     folder = check_folder(path, "UNet")
     config = UNetConfig.from_json(folder / "config.json")
-    expected = {k: tuple(v.shape) for k, v in keymap.flatten(UNet2DConditionModel(config).abstract_params()).items()}
+    expected = {
+        k: tuple(v.shape) for k, v in keymap.flatten(UNet2DConditionModel(config).abstract_params()).items()
+    }
     return config, read_params(folder, expected, DIFFUSERS_WEIGHTS, dtype, variant, progress=progress)
 
 
-def load_unet(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype=None,
-              attention_impl: Optional[str] = None):
+def load_unet(
+    path,
+    dtype=jnp.float32,
+    variant: Optional[str] = None,
+    param_dtype=None,
+    attention_impl: Optional[str] = None,
+):
     """Load a UNet from a diffusers folder (`config.json` + `diffusion_pytorch_model[.fp16|.bf16].safetensors`
     or shards with an index) or from a folder written by `distrifusion-jax convert`.
 
@@ -34,8 +41,12 @@ def load_unet(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtyp
     """
     param_dtype = dtype if param_dtype is None else param_dtype
     config, flat = read_unet_params(path, param_dtype, variant)
-    unet = UNet2DConditionModel(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype),
-                                attention_impl=attention_impl)
+    unet = UNet2DConditionModel(
+        config,
+        dtype=resolve_dtype(dtype),
+        param_dtype=resolve_dtype(param_dtype),
+        attention_impl=attention_impl,
+    )
     return unet, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 

@@ -14,8 +14,10 @@ from .files import DIFFUSERS_WEIGHTS, check_folder, read_params, resolve_dtype
 # Checkpoints saved before diffusers renamed its VAE attention (and single-file conversions of the
 # original LDM weights) name the projections differently, sometimes storing them as 1x1 convs.
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ATTENTION_KEY = re.compile(r"^(?P<block>(?:encoder|decoder)\.mid_block\.attentions\.\d+)\."
-                            r"(?P<name>query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.(?P<leaf>weight|bias)$")
+_ATTENTION_KEY = re.compile(
+    r"^(?P<block>(?:encoder|decoder)\.mid_block\.attentions\.\d+)\."
+    r"(?P<name>query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.(?P<leaf>weight|bias)$"
+)
 
 
 def vae_key_map(key: str, shape: tuple):
@@ -40,13 +42,20 @@ def read_vae_params(path, dtype=jnp.float32, variant: Optional[str] = None, prog
     folder = check_folder(path, "VAE")
     config = VAEConfig.from_json(folder / "config.json")
     expected = {k: tuple(v.shape) for k, v in keymap.flatten(AutoencoderKL(config).abstract_params()).items()}
-    flat = read_params(folder, expected, DIFFUSERS_WEIGHTS, dtype, variant, key_map=vae_key_map, progress=progress)
+    flat = read_params(
+        folder, expected, DIFFUSERS_WEIGHTS, dtype, variant, key_map=vae_key_map, progress=progress
+    )
     # 1x1-conv attention weights arrive as [1(, 1), in, out]: drop the unit axes (see vae_key_map)
     return config, {k: (v.reshape(expected[k]) if v.shape != expected[k] else v) for k, v in flat.items()}
 
 
-def load_vae(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype=None,
-             attention_impl: Optional[str] = None):
+def load_vae(
+    path,
+    dtype=jnp.float32,
+    variant: Optional[str] = None,
+    param_dtype=None,
+    attention_impl: Optional[str] = None,
+):
     """Load an AutoencoderKL from a diffusers VAE folder (`config.json` +
     `diffusion_pytorch_model[.fp16|.bf16].safetensors` or shards with an index) or from a folder written
     by `convert_vae`.
@@ -58,6 +67,10 @@ def load_vae(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype
     """
     param_dtype = dtype if param_dtype is None else param_dtype
     config, flat = read_vae_params(path, param_dtype, variant)
-    vae = AutoencoderKL(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype),
-                        attention_impl=attention_impl)
+    vae = AutoencoderKL(
+        config,
+        dtype=resolve_dtype(dtype),
+        param_dtype=resolve_dtype(param_dtype),
+        attention_impl=attention_impl,
+    )
     return vae, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
