@@ -1,0 +1,76 @@
+"""The demo model's training steps: the VAE (reconstruction + KL) and the UNet (epsilon prediction), jitted.
+
+Both are pure functions of (params, optimizer state, batch, key), so a training loop only feeds
+batches and keeps the state; nothing here reads files or prints.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# SDXL's micro-conditioning for a square image of `size` pixels, uncropped: (original, crop, target)
+TIME_IDS = lambda size: (size, size, 0, 0, size, size)
+
+
+def vae_loss(vae, params, images, key, kl_weight: float):
+    """Mean squared reconstruction error of a posterior sample + kl_weight * KL(posterior || N(0, 1)).
+
+    images: [B, H, W, 3] in [-1, 1]. Returns (loss, (mse, kl)).
+    """
+    mean, logvar = vae.apply({"params": params}, images, method=vae.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    recon = vae.apply({"params": params}, z, method=vae.decode)
+    mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
+    kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+    return mse + kl_weight * kl, (mse, kl)
+
+
+def unet_loss(unet, params, latents, embeds, pooled, time_ids, key, alphas_cumprod):
+    """Epsilon-prediction loss at uniformly drawn training timesteps (DDPM's simple loss).
+
+    latents [B, h, w, 4] already scaled by the VAE's scaling_factor; embeds [B, 77, D]; pooled [B, P].
+    Returns (loss, {}).
+    """
+    k_t, k_noise = jax.random.split(key)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, alphas_cumprod.shape[0])
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    a = alphas_cumprod[t][:, None, None, None]
+    noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    pred = unet.apply({"params": params}, noisy, t, embeds, added)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise)), {}
+
+
+def ema_update(ema, params, decay: float):
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float):
+    """A jitted step(state_tuple, *batch) -> (new state tuple, loss, aux) for loss_fn(params, *batch)
+    returning (loss, aux); the state tuple is (params, opt_state, ema)."""
+
+    @jax.jit
+    def step(params, opt_state, ema, *batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, ema_update(ema, params, ema_decay), loss, aux
+
+    return step
+
+
+def drop_captions(embeds, pooled, key, rate: float):
+    """Replace a `rate` share of the conditions by zeros: the unconditional branch the pipeline uses
+    (`force_zeros_for_empty_prompt`), so classifier-free guidance works."""
+    keep = jax.random.uniform(key, (embeds.shape[0],)) >= rate
+    return embeds * keep[:, None, None], pooled * keep[:, None]
+
+
+def images_to_unit(images: np.ndarray) -> jnp.ndarray:
+    """uint8 [B, H, W, 3] -> float32 in [-1, 1] (the VAE's input range)."""
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
