@@ -23,7 +23,7 @@ from ..flags import FLAGS, add_distri_flags, run_command
 from ..models.presets import sdxl_base, unet_preset
 from ..models.unet import UNetConfig
 from .comm import report
-from .command import cpu_devices, parser, positive
+from .command import add_device_counts, cpu_devices, parser, positive
 from .fmt import fmt_bytes, ruled, write_json
 
 # DistriConfig's flags this report takes from flags.py: the others are swept (sizes, device counts, CFG split)
@@ -118,14 +118,7 @@ def build_parser():
         type=parse_size,
         help="image sizes, N or HxW pixels (default 1024 2048 3840; --tiny: 128 256)",
     )
-    p.add_argument(
-        "--device-counts",
-        nargs="+",
-        type=positive,
-        default=[2, 4, 8],
-        metavar="N",
-        help="device counts to report (default 2 4 8)",
-    )
+    add_device_counts(p, [2, 4, 8], "device counts to report (default 2 4 8)")
     p.add_argument(
         "--cfg-split",
         choices=("on", "off", "both"),

@@ -47,3 +47,8 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def add_device_counts(p: argparse.ArgumentParser, default: list, help: str) -> None:
+    """A sweep tool's --device-counts (flags.py's --devices stays one count, as everywhere else)."""
+    p.add_argument("--device-counts", type=positive, nargs="+", default=default, metavar="N", help=help)

@@ -16,7 +16,7 @@ from ..flags import run_command
 from ..models.presets import sdxl_vae_config
 from ..models.vae import AutoencoderKL
 from .abstract import abstract_weights
-from .command import cpu_devices, parser, positive
+from .command import add_device_counts, cpu_devices, parser, positive
 from .memory import decode_memory
 
 
@@ -46,14 +46,7 @@ def run(args) -> list:
 def build_parser():
     p = parser(__doc__, "decode_memory")
     p.add_argument("--sizes", type=positive, nargs="+", default=[1024, 2048], help="square image sizes")
-    p.add_argument(
-        "--device-counts",
-        type=positive,
-        nargs="+",
-        default=[1, 2, 4, 8],
-        metavar="N",
-        help="device counts (default 1 2 4 8)",
-    )
+    add_device_counts(p, [1, 2, 4, 8], "device counts (default 1 2 4 8)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     return p
 

@@ -41,7 +41,7 @@ from .abstract import (
     nbytes,
     trace_displaced_step,
 )
-from .command import cpu_devices, parser, positive
+from .command import add_device_counts, cpu_devices, parser, positive
 from .fmt import gb, write_json
 
 # DistriConfig's flags from flags.py: patch parallelism's options; sizes and device counts are swept,
@@ -119,14 +119,7 @@ def run(args) -> list:
 def build_parser():
     p = parser(__doc__, "memory")
     p.add_argument("--sizes", type=positive, nargs="+", default=[1024, 2048, 3840], help="square image sizes")
-    p.add_argument(
-        "--device-counts",
-        type=positive,
-        nargs="+",
-        default=[1, 2, 4, 8],
-        metavar="N",
-        help="device counts (default 1 2 4 8)",
-    )
+    add_device_counts(p, [1, 2, 4, 8], "device counts (default 1 2 4 8)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="the UNet's dtype")
     p.add_argument(
         "--vae-dtype",

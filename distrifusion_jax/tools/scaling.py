@@ -35,7 +35,7 @@ from ..models.presets import sdxl_base
 from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..nn.attention import IMPLEMENTATIONS
 from .abstract import SDXL_TIME_IDS, TEXT_TOKENS, abstract_weights, flops
-from .command import parser, positive
+from .command import add_device_counts, parser, positive
 from .emulate import BandPlan, band_step
 from .fmt import write_json
 from .timing import first_call, random_params, timed
@@ -255,14 +255,7 @@ def build_parser():
     m.add_argument(
         "--sizes", type=positive, nargs="+", default=[1024, 2048], help="square image sizes in pixels"
     )
-    m.add_argument(
-        "--device-counts",
-        type=positive,
-        nargs="+",
-        default=[2, 4, 8],
-        metavar="N",
-        help="even device counts (CFG split: N/2 bands)",
-    )
+    add_device_counts(m, [2, 4, 8], "even device counts (CFG split: N/2 bands)")
     add_distri_flags(m, skip=skip)
     m.add_argument(
         "--attention",

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 from .. import keymap
 from ..convert import write_converted
 from ..errors import ConfigError
-from ..flags import run_command
-from ..models.presets import preset_dict, scheduler_preset
-from ..models.unet import UNet2DConditionModel, UNetConfig
-from ..models.vae import AutoencoderKL, VAEConfig
+from ..flags import run_command, seed_arg
+from ..models.presets import preset_dict, scheduler_preset, unet_preset, vae_preset
+from ..models.unet import UNet2DConditionModel
+from ..models.vae import AutoencoderKL
 from ..pipeline import DistriSDXLPipeline
 from ..schedulers import scheduler_from_config
 from .command import parser, positive
@@ -174,15 +174,14 @@ def train(o: TrainOptions) -> Path:
         shutil.rmtree(out / ".start.partial", ignore_errors=True)
         write_random_pipeline(out / ".start.partial", o.preset, seed=o.seed).replace(start)
 
-    vae = AutoencoderKL(VAEConfig.from_dict(preset_dict(o.preset, "vae")))
+    vae = AutoencoderKL(vae_preset(o.preset))
     vae_opt, unet_opt = optax.adam(o.vae_lr), optax.adam(o.unet_lr)
     vae_step = make_step(lambda p, x, k: vae_loss(vae, p, x, k, o.kl_weight), vae_opt, o.ema_decay)
 
     def vae_batch(i):
         images, _ = make_batch(batch_seeds(o, 0, i, o.vae_batch), o.size)
-        crops = random_crops(
-            images, o.vae_crop, np.random.default_rng((o.seed, i))
-        )  # a resumed run crops alike
+        # crops drawn from (seed, step): a resumed run crops alike
+        crops = random_crops(images, o.vae_crop, np.random.default_rng((o.seed, i)))
         return images_to_unit(crops), jax.random.key(i)
 
     vae_params, vae_losses = train_stage(
@@ -200,8 +199,7 @@ def train(o: TrainOptions) -> Path:
 
     pipe = DistriSDXLPipeline.from_pretrained(str(start), dtype=jnp.float32)
     encode_text = lambda captions: pipe.prompt_encoder.encode(captions, captions)
-    unet_config = UNetConfig.from_dict(preset_dict(o.preset, "unet"))
-    unet = UNet2DConditionModel(unet_config)
+    unet = UNet2DConditionModel(unet_preset(o.preset))
     alphas = jnp.asarray(scheduler_from_config(scheduler_preset()).alphas_cumprod(), jnp.float32)
     time_ids = jnp.asarray([TIME_IDS(o.size)] * o.batch, jnp.float32)
     to_latent = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method=vae.encode)[0] * scale)
@@ -264,7 +262,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-batch", type=positive, default=8)
     p.add_argument("--vae-crop", type=positive, default=128, help="VAE training crop in pixels (default 128)")
     p.add_argument("--size", type=positive, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
     p.add_argument("--checkpoint-every", type=positive, default=200)
 
 
