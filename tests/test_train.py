@@ -23,7 +23,7 @@ SIZE = 64  # pixels: 8x8 latents
 def run_steps(step, optimizer, params, batch_fn, n):
     opt_state, ema, losses = optimizer.init(params), params, []
     for i in range(n):
-        params, opt_state, ema, loss, _ = step(params, opt_state, ema, *batch_fn(i))
+        params, opt_state, ema, loss, _ = step(params, opt_state, ema, i, *batch_fn(i))
         losses.append(float(loss))
     return losses
 
@@ -122,6 +122,8 @@ def test_the_command_trains_resumes_and_writes_a_pipeline(tmp_path):
         32,
         "--size",
         64,
+        "--train-images",
+        4,
     ]
     assert train_demo.main([str(a) for a in args + ["--unet-steps", 2]]) == 0
     assert train_demo.main([str(a) for a in args + ["--unet-steps", 3]]) == 0
