@@ -15,11 +15,16 @@ import dataclasses
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..config import DistriConfig
 from ..errors import ConfigError
 from ..flags import run_command
+from ..pipeline import DistriSDXLPipeline
+from ..preflight import read_model, resolve_model_path
 from .command import add_device_counts, cpu_devices, parser, positive
 
 PROMPT = "a red circle on the left and a blue square on the right, on a yellow background"
@@ -55,12 +60,6 @@ def compare(
     log=print,
 ) -> list:
     """The runs: one device first, then each method on each device count (all devices JAX sees at most)."""
-    import jax
-    import jax.numpy as jnp
-
-    from ..config import DistriConfig
-    from ..pipeline import DistriSDXLPipeline
-    from ..preflight import read_model, resolve_model_path
 
     size = int(read_model(resolve_model_path(model)).vae.get("sample_size", 1024))
     available = len(jax.devices())

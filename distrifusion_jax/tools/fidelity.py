@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..config import DistriConfig
 from ..errors import ConfigError
 from ..flags import run_command
+from ..pipeline import DistriSDXLPipeline
 from .command import add_device_counts, cpu_devices, parser, positive
 from .demo_data import check_image, heldout_prompts
 
@@ -63,7 +65,6 @@ class Case:
 
 def case(table, label, devices, scheduler="ddim", half_steps=False, **config) -> Case:
     """A run; fields equal to DistriConfig's defaults are left out, so the same run in two tables has one key."""
-    from ..config import DistriConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(DistriConfig)}
     config = {"warmup_steps": WARMUP, "split_batch": False, **config}
@@ -181,14 +182,12 @@ class Runner:
     """Generates the prompts for a case, in batches with fixed seeds (batch i uses seed i)."""
 
     def __init__(self, o: FidelityOptions):
-        from ..pipeline import DistriSDXLPipeline
 
         self.o = o
         self.prompts = heldout_prompts(o.prompts)
         self.load = lambda config: DistriSDXLPipeline.from_pretrained(o.model, config, dtype=jnp.float32)
 
     def images(self, c: Case) -> tuple:
-        from ..config import DistriConfig
 
         o = self.o
         config = DistriConfig(height=o.size, width=o.size, devices=c.devices, **dict(c.config))

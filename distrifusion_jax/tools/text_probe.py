@@ -10,9 +10,11 @@ perfectly (docs/demo-model.md), so training them would buy the UNet nothing it c
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from ..flags import run_command
+from ..pipeline import DistriSDXLPipeline
 from .command import parser, positive
 from .demo_data import COLOURS, POSITIONS, make_example
 
@@ -28,9 +30,6 @@ def ridge_accuracy(x: np.ndarray, y: np.ndarray, classes: int, train: int, lam: 
 
 def probe(model: str = "demo", n: int = 3000) -> dict:
     """{features: (colour accuracy, position accuracy)} plus the majority-class baselines."""
-    import jax.numpy as jnp
-
-    from ..pipeline import DistriSDXLPipeline
 
     pipe = DistriSDXLPipeline.from_pretrained(model, dtype=jnp.float32)
     captions, colour, position = [], [], []
