@@ -30,8 +30,11 @@ def vae_loss(vae, params, images, key, kl_weight: float):
     return mse + kl_weight * kl, (mse, kl)
 
 
-def unet_loss(unet, params, latents, embeds, pooled, time_ids, key, alphas_cumprod):
-    """Epsilon-prediction loss at uniformly drawn training timesteps (DDPM's simple loss).
+def unet_loss(unet, params, latents, embeds, pooled, time_ids, key, alphas_cumprod, snr_gamma=None):
+    """Epsilon-prediction loss at uniformly drawn training timesteps (DDPM's simple loss), each sample
+    weighted by min(SNR, gamma) / SNR with `snr_gamma` (Min-SNR, Hang et al. 2023: the nearly clean
+    timesteps, which only polish detail, stop dominating the gradient, so layout and colour, decided at
+    high noise, are learnt sooner); None weighs every timestep alike.
 
     latents [B, h, w, 4] already scaled by the VAE's scaling_factor; embeds [B, 77, D]; pooled [B, P].
     Returns (loss, {}).
@@ -43,7 +46,11 @@ def unet_loss(unet, params, latents, embeds, pooled, time_ids, key, alphas_cumpr
     noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
     added = {"text_embeds": pooled, "time_ids": time_ids}
     pred = unet.apply({"params": params}, noisy, t, embeds, added)
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise)), {}
+    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - noise), axis=(1, 2, 3))
+    if snr_gamma is not None:
+        snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
+        per_sample = per_sample * jnp.minimum(snr, snr_gamma) / snr
+    return jnp.mean(per_sample), {}
 
 
 def ema_update(ema, params, decay: float, step):
