@@ -30,6 +30,11 @@ COMMANDS = (
     "decode_memory",
     "compile_time",
     "unet_benchmark",
+    "gpu_check",
+    "train_demo",
+    "fidelity",
+    "demo_grid",
+    "text_probe",
 )
 HEIGHT, WIDTH = 128, 192  # as tests/test_patch_parallel.py: latents 16 x 24
 EXACT = 1e-5
