@@ -63,6 +63,7 @@ class TrainOptions:
     ema_decay: float = 0.999  # the VAE's
     unet_ema_decay: float = 0.995  # short: at 2000 steps the 0.999 average still lagged the raw weights
     snr_gamma: float = 5.0
+    offset_noise: float = 0.1
     caption_dropout: float = 0.1
     checkpoint_every: int = 200
 
@@ -233,7 +234,9 @@ def train(o: TrainOptions) -> Path:
     unet = UNet2DConditionModel(unet_preset(o.preset))
     alphas = jnp.asarray(scheduler_from_config(scheduler_preset()).alphas_cumprod(), jnp.float32)
     time_ids = jnp.asarray([TIME_IDS(o.size)] * o.batch, jnp.float32)
-    loss = lambda p, lat, e, pooled, k: unet_loss(unet, p, lat, e, pooled, time_ids, k, alphas, o.snr_gamma)
+    loss = lambda p, lat, e, pooled, k: unet_loss(
+        unet, p, lat, e, pooled, time_ids, k, alphas, o.snr_gamma, o.offset_noise
+    )
     unet_step = make_step(loss, unet_opt, o.unet_ema_decay)
     data = unet_data(o, out / "checkpoints" / "unet_data.safetensors", vae, vae_params, scale, encode_text)
 

@@ -30,7 +30,9 @@ def vae_loss(vae, params, images, key, kl_weight: float):
     return mse + kl_weight * kl, (mse, kl)
 
 
-def unet_loss(unet, params, latents, embeds, pooled, time_ids, key, alphas_cumprod, snr_gamma=None):
+def unet_loss(
+    unet, params, latents, embeds, pooled, time_ids, key, alphas_cumprod, snr_gamma=None, offset_noise=0.0
+):
     """Epsilon-prediction loss at uniformly drawn training timesteps (DDPM's simple loss), each sample
     weighted by min(SNR, gamma) / SNR with `snr_gamma` (Min-SNR, Hang et al. 2023: the nearly clean
     timesteps, which only polish detail, stop dominating the gradient, so layout and colour, decided at
@@ -39,9 +41,12 @@ def unet_loss(unet, params, latents, embeds, pooled, time_ids, key, alphas_cumpr
     latents [B, h, w, 4] already scaled by the VAE's scaling_factor; embeds [B, 77, D]; pooled [B, P].
     Returns (loss, {}).
     """
-    k_t, k_noise = jax.random.split(key)
+    k_t, k_noise, k_offset = jax.random.split(key, 3)
     t = jax.random.randint(k_t, (latents.shape[0],), 0, alphas_cumprod.shape[0])
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    if offset_noise:
+        b, _, _, c = latents.shape
+        noise = noise + offset_noise * jax.random.normal(k_offset, (b, 1, 1, c), jnp.float32)
     a = alphas_cumprod[t][:, None, None, None]
     noisy = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
     added = {"text_embeds": pooled, "time_ids": time_ids}
