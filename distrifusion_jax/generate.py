@@ -21,7 +21,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="text to image with DistriFusion on the available devices",
         description="Generate an SDXL image, split across devices by displaced patch parallelism.",
     )
-    p.add_argument("--model", required=True, help="SDXL pipeline folder (diffusers or converted) or hub id")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="SDXL pipeline folder (diffusers or converted), hub id, or 'demo' (default: the bundled demo "
+        "model, 256x256 scenes of coloured shapes)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--prompt-2", default=None, help="prompt for the second text encoder (default: --prompt)")
     p.add_argument("--negative-prompt", default=None)
@@ -56,7 +61,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "also stored in the compilation cache (with the bar only the text encoders and "
         "the VAE are)",
     )
-    add_distri_flags(p)
+    add_distri_flags(p, height=None, width=None)
+    for action in p._actions:
+        if action.dest in ("height", "width"):
+            action.help = (
+                f"image {action.dest} in pixels (default: the model's, 1024 for SDXL, 256 for the demo)"
+            )
     mem = p.add_argument_group("memory at high resolution")
     mem.add_argument(
         "--attention",
@@ -148,9 +158,10 @@ def run(args) -> None:
     devices = run_devices(args.devices, processes)
     main = is_main_process()  # only process 0 prints and writes; the others run the same program silently
     fmt = check_output(args.output, args.overwrite) if main else None
+    files = read_model(resolve_model_path(args.model))
+    native_size(args, files)
     config = distri_config(args)
     cfg, patches = check_run(args, config, devices)
-    files = read_model(resolve_model_path(args.model))
     check_model_fit(args, config, files, devices)
     if main:
         announce(args, devices, processes, cfg, patches)
@@ -177,6 +188,14 @@ def run(args) -> None:
             f"{t['decode_s']:.2f} s, text encoding {t['encode_s']:.2f} s",
             file=sys.stderr,
         )
+
+
+def native_size(args, files) -> None:
+    """--height / --width left out: the model's own size, its VAE's sample_size (1024 for SDXL, 256 for the
+    demo model)."""
+    native = int(files.vae.get("sample_size", 1024))
+    args.height = native if args.height is None else args.height
+    args.width = native if args.width is None else args.width
 
 
 def announce(args, devices, processes: int, cfg: int, patches: int) -> None:

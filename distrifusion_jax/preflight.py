@@ -22,15 +22,24 @@ from .tokenizer import load_tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 STEP_SEARCH = 64  # how far below a refused step count to look for one the scheduler supports
+# models inside the package, by name: the demo model trained by tools/train_demo.py (docs/demo-model.md)
+BUNDLED = {"demo": Path(__file__).parent / "demo"}
 
 
 # ---- the model folder ----
 def resolve_model_path(path_or_hub_id) -> Path:
-    """A local pipeline folder, or a hub id looked up in huggingface_hub's local cache (then the network)."""
+    """A local pipeline folder, a bundled model's name ("demo", where no folder of that name is in the working
+    directory), or a hub id looked up in huggingface_hub's local cache (then the network)."""
     path = Path(os.fspath(path_or_hub_id)).expanduser()
     if path.is_dir():
         return path
     name = str(path_or_hub_id)
+    if name in BUNDLED:
+        if not (BUNDLED[name] / "model_index.json").is_file():
+            raise CheckpointError(
+                f"the bundled {name} model is missing from {BUNDLED[name]}: reinstall distrifusion-jax"
+            )
+        return BUNDLED[name]
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(
             f"model folder {name} does not exist (and it is not a hub id like "
