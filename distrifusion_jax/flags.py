@@ -97,6 +97,13 @@ def add_distri_flags(
             group.add_argument(flag, dest=field, default=defaults.get(field, _DEFAULTS[field]), **kwargs)
 
 
+def describe(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """Replace the help of an option added elsewhere (add_distri_flags') where this command's default differs."""
+    for action in parser._actions:
+        if flag in action.option_strings:
+            action.help = text
+
+
 def distri_config_from_args(args: argparse.Namespace, **overrides) -> DistriConfig:
     """The DistriConfig of parsed flags; `overrides` set the skipped (or any other) fields."""
     fields = {f: getattr(args, f) for f in FLAGS if hasattr(args, f)}

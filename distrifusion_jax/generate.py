@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import DTYPE_NAMES, DistriConfig
 from .errors import ConfigError, DistriFusionError
-from .flags import add_distri_flags, distri_config_from_args, seed_arg
+from .flags import add_distri_flags, describe, distri_config_from_args, seed_arg
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -62,11 +62,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "the VAE are)",
     )
     add_distri_flags(p, height=None, width=None)
-    for action in p._actions:
-        if action.dest in ("height", "width"):
-            action.help = (
-                f"image {action.dest} in pixels (default: the model's, 1024 for SDXL, 256 for the demo)"
-            )
+    for flag in ("--height", "--width"):
+        describe(
+            p, flag, f"image {flag[2:]} in pixels (default: the model's, 1024 for SDXL, 256 for the demo)"
+        )
     mem = p.add_argument_group("memory at high resolution")
     mem.add_argument(
         "--attention",
@@ -191,11 +190,9 @@ def run(args) -> None:
 
 
 def native_size(args, files) -> None:
-    """--height / --width left out: the model's own size, its VAE's sample_size (1024 for SDXL, 256 for the
-    demo model)."""
-    native = int(files.vae.get("sample_size", 1024))
-    args.height = native if args.height is None else args.height
-    args.width = native if args.width is None else args.width
+    """--height / --width left out: the model's own size."""
+    args.height = files.native_size if args.height is None else args.height
+    args.width = files.native_size if args.width is None else args.width
 
 
 def announce(args, devices, processes: int, cfg: int, patches: int) -> None:

@@ -79,6 +79,11 @@ class ModelFiles:
     scheduler: dict
     tokenizers: Any  # both, validated against their text encoder's vocabulary
 
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at: its VAE's sample_size (1024 for SDXL, 256 for the demo)."""
+        return int(self.vae.get("sample_size", 1024))
+
 
 def read_json_file(root: Path, rel: str) -> dict:
     """`root/rel` as a JSON object; CheckpointError if missing or unreadable, ConfigError if not valid JSON."""

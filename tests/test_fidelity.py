@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from distrifusion_jax.tools import fidelity, text_probe
+from distrifusion_jax.tools import demo_grid, fidelity, text_probe
 from distrifusion_jax.tools.random_pipeline import write_random_pipeline
 
 
@@ -102,9 +102,19 @@ def test_the_text_probe_runs_on_a_pipeline(tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--tables", "bogus"], "--tables bogus: unknown"), (["--device-counts", "64"], "JAX sees")],
+    [
+        (["--tables", "bogus"], "--tables bogus: unknown"),
+        (["--device-counts", "64"], "JAX sees"),
+        (["--device-counts", "2", "3"], "does not split into 3 patches"),  # odd: refused before any run
+    ],
 )
 def test_fidelity_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     assert fidelity.main(["--out", str(tmp_path / "f"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+
+
+def test_the_grid_refuses_a_layout_the_model_cannot_split_before_any_run(tmp_path, capsys):
+    assert demo_grid.main(["--out", str(tmp_path / "g.png"), "--device-counts", "3"]) == 2
+    assert "does not split into 3 patches" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()

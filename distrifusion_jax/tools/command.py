@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 
-from ..flags import OneLineErrorParser
+from ..flags import OneLineErrorParser, describe  # noqa: F401 - describe: the tools' import
 
 RawDescription = (
     argparse.RawDescriptionHelpFormatter
@@ -20,13 +21,6 @@ def parser(module_doc: str, prog: str) -> OneLineErrorParser:
         description=module_doc,
         formatter_class=RawDescription,
     )
-
-
-def describe(p: argparse.ArgumentParser, flag: str, text: str) -> None:
-    """Replace the help of an option added elsewhere (flags.py's) where this command's default differs."""
-    for action in p._actions:
-        if flag in action.option_strings:
-            action.help = text
 
 
 def cpu_devices(n: int) -> None:
@@ -47,6 +41,12 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def options_from(cls, args: argparse.Namespace):
+    """A tool's options dataclass from parsed flags: the fields it has (lists as tuples, so it stays hashable)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names})
 
 
 def add_device_counts(p: argparse.ArgumentParser, default: list, help: str) -> None:

@@ -22,10 +22,11 @@ from PIL import Image, ImageDraw
 
 from ..config import DistriConfig
 from ..errors import ConfigError
-from ..flags import run_command
+from ..flags import run_command, seed_arg
 from ..pipeline import DistriSDXLPipeline
 from ..preflight import read_model, resolve_model_path
 from .command import add_device_counts, cpu_devices, parser, positive
+from .fidelity import psnr
 
 PROMPT = "a red circle on the left and a blue square on the right, on a yellow background"
 METHODS = {
@@ -44,11 +45,6 @@ class Run:
     compile_s: float
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
 def compare(
     prompt: str = PROMPT,
     counts=(2, 4, 8),
@@ -61,13 +57,16 @@ def compare(
 ) -> list:
     """The runs: one device first, then each method on each device count (all devices JAX sees at most)."""
 
-    size = int(read_model(resolve_model_path(model)).vae.get("sample_size", 1024))
+    files = read_model(resolve_model_path(model))
+    size = files.native_size
     available = len(jax.devices())
     counts = [n for n in counts if n <= available]
     plan = [("1 device", 1, {})] + [(m, n, kw) for n in counts for m, kw in METHODS.items()]
+    configs = [DistriConfig(height=size, width=size, devices=n, split_batch=False, **kw) for _, n, kw in plan]
+    for config, (_, n, _) in zip(configs, plan):  # every layout checked before the first run
+        config.check_model(files.unet, n)
     runs = []
-    for label, n, kw in plan:
-        config = DistriConfig(height=size, width=size, devices=n, split_batch=False, **kw)
+    for config, (label, n, kw) in zip(configs, plan):
         pipe = DistriSDXLPipeline.from_pretrained(model, config, dtype=jnp.float32)
         t0 = time.perf_counter()
         out = pipe(
@@ -75,7 +74,8 @@ def compare(
         )
         compile_s = out.timings["compile_s"]
         image = np.asarray(out.images[0])
-        run = Run(label, n, image, None if n == 1 else psnr(image, runs[0].image), 0.0, compile_s)
+        quality = None if n == 1 else float(psnr(image[None] / 255, runs[0].image[None] / 255)[0])
+        run = Run(label, n, image, quality, 0.0, compile_s)
         run.seconds = time.perf_counter() - t0 - compile_s
         runs.append(run)
         quality = "reference" if run.psnr is None else f"PSNR {run.psnr:5.1f} dB vs 1 device"
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p = parser(__doc__, "demo_grid")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--steps", type=positive, default=25, help="DDIM steps (default 25)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
     p.add_argument("--model", default="demo", help="pipeline folder or 'demo' (default)")
     p.add_argument("--out", default="outputs/grid.png", help="the grid PNG (default outputs/grid.png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -36,7 +36,8 @@ from ..config import DistriConfig
 from ..errors import ConfigError
 from ..flags import run_command
 from ..pipeline import DistriSDXLPipeline
-from .command import add_device_counts, cpu_devices, parser, positive
+from ..preflight import check_steps, make_scheduler_of, read_model, resolve_model_path
+from .command import add_device_counts, cpu_devices, options_from, parser, positive
 from .demo_data import check_image, heldout_prompts
 
 TABLES = ("table1", "gn", "warmup", "steps", "schedulers", "stale")
@@ -182,17 +183,29 @@ class Runner:
     """Generates the prompts for a case, in batches with fixed seeds (batch i uses seed i)."""
 
     def __init__(self, o: FidelityOptions):
-
         self.o = o
         self.prompts = heldout_prompts(o.prompts)
         self.load = lambda config: DistriSDXLPipeline.from_pretrained(o.model, config, dtype=jnp.float32)
 
-    def images(self, c: Case) -> tuple:
+    def config(self, c: Case) -> DistriConfig:
+        return DistriConfig(height=self.o.size, width=self.o.size, devices=c.devices, **dict(c.config))
 
+    def steps(self, c: Case) -> int:
+        return self.o.steps // 2 if c.half_steps else self.o.steps
+
+    def check(self, todo: list) -> None:
+        """Every case's layout against the model and its step count against its scheduler, before any run
+        (an image size whose latent rows do not split into a device count's bands is one line, not an
+        error after an hour of other cases)."""
+        files = read_model(resolve_model_path(self.o.model))
+        for c in todo:
+            self.config(c).check_model(files.unet, c.devices)
+            check_steps(make_scheduler_of(files, c.scheduler), self.steps(c), "--steps")
+
+    def images(self, c: Case) -> tuple:
         o = self.o
-        config = DistriConfig(height=o.size, width=o.size, devices=c.devices, **dict(c.config))
-        pipe = self.load(config)
-        steps = o.steps // 2 if c.half_steps else o.steps
+        pipe = self.load(self.config(c))
+        steps = self.steps(c)
         out, seconds = [], 0.0
         texts = [p for p, _ in self.prompts]
         for i in range(0, len(texts), o.batch):
@@ -223,8 +236,10 @@ def summary(values) -> dict:
 
 
 def run_fidelity(o: FidelityOptions, log=print) -> dict:
+    todo = cases(o.tables, o.device_counts)
+    runner, refs = Runner(o), {}
+    runner.check(todo)
     out = Path(o.out)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     settings = {"model": o.model, "prompts": o.prompts, "steps": o.steps, "size": o.size, "batch": o.batch}
@@ -233,8 +248,7 @@ def run_fidelity(o: FidelityOptions, log=print) -> dict:
             f"{results_path} holds results for {results['settings']}: pass another --out or the same options"
         )
     results["settings"] = settings
-    todo = cases(o.tables, o.device_counts)
-    runner, refs = Runner(o), {}
+    out.mkdir(parents=True, exist_ok=True)
     for c in todo:
         ref = c.reference
         if ref.key not in refs:
@@ -371,9 +385,7 @@ def sample_grid(path: Path, named: dict) -> None:
 
 def run(args) -> None:
     cpu_devices(max(args.device_counts))
-    fields = {f.name for f in dataclasses.fields(FidelityOptions)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in fields}
-    o = FidelityOptions(**values)
+    o = options_from(FidelityOptions, args)
     t0 = time.perf_counter()
     run_fidelity(o)
     print(f"wrote {Path(o.out) / 'tables.md'} in {(time.perf_counter() - t0) / 60:.1f} min")

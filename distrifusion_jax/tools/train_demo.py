@@ -39,7 +39,7 @@ from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..pipeline import DistriSDXLPipeline
 from ..schedulers import scheduler_from_config
-from .command import parser, positive
+from .command import options_from, parser, positive
 from .demo_data import make_batch
 from .random_pipeline import write_random_pipeline
 from .train_steps import TIME_IDS, drop_captions, images_to_unit, make_step, unet_loss, vae_loss
@@ -316,8 +316,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    options = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    options = options_from(TrainOptions, args)
     t0 = time.perf_counter()
     folder = train(options)
     print(f"wrote {folder} in {(time.perf_counter() - t0) / 60:.1f} min")
