@@ -107,12 +107,13 @@ def test_corrected_stats_formula(n):
         M = stale[..., 0].mean(0) + fresh[i, ..., 0] - stale[i, ..., 0]
         Q = q(stale).mean(0) + q(fresh[i]) - q(stale[i])
         var = Q - M**2
-        var = np.where(var < 0, fresh[i, ..., 1], var)
+        within = (stale[..., 1].sum(0) - stale[i, ..., 1] + fresh[i, ..., 1]) / n  # mean band variance
+        var = np.maximum(var, C.VARIANCE_FLOOR * within)
         np.testing.assert_allclose(out[i, ..., 0], M, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out[i, ..., 1], var, rtol=1e-4, atol=1e-5)
 
 
-def test_corrected_stats_fixed_point_and_negative_variance_fallback():
+def test_corrected_stats_fixed_point_and_variance_floor():
     n = 4
     stale, _ = _stale_and_fresh(n)
     out = _run_combine(C.corrected_stats, stale, stale, n)  # nothing changed since the last step
@@ -124,7 +125,10 @@ def test_corrected_stats_fixed_point_and_negative_variance_fallback():
     assert np.isfinite(out).all() and (out[..., 1] >= 0).all()
     raw = stale[..., 1].mean(0) + fresh[0, ..., 1] - stale[0, ..., 1]  # Q - M^2 for band 0 (means all 0)
     assert (raw < -30).all()
-    np.testing.assert_allclose(out[0, ..., 1], fresh[0, ..., 1], rtol=1e-6)  # fell back to its own variance
+    # clamped to the mean of the band variances (band 0's fresh one, the others' stale ones)
+    floor = (stale[1:, ..., 1].sum(0) + fresh[0, ..., 1]) / n
+    np.testing.assert_allclose(out[0, ..., 1], C.VARIANCE_FLOOR * floor, rtol=1e-6)
+    assert (C.VARIANCE_FLOOR * floor > 0.03).all()  # well above the reference's fallback fresh[0] = 0.01
     np.testing.assert_allclose(
         out[1:, ..., 1],
         np.broadcast_to(stale[..., 1].mean(0), out[1:, ..., 1].shape) + fresh[1:, ..., 1] - stale[1:, ..., 1],

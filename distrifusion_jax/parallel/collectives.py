@@ -85,15 +85,25 @@ def stale_stats(stale, fresh, axis: str, index=None):
     return combine_stats(lax.dynamic_update_index_in_dim(stale, fresh.astype(stale.dtype), i, axis=0))
 
 
+VARIANCE_FLOOR = 0.5  # corrected_stats: var >= this x the mean band variance
+
+
 def corrected_stats(stale, fresh, axis: str, index=None):
     """`corrected_async_gn` (paper section 4.2): stale global statistics plus this band's change.
 
     In the reference's terms, with S_i = [m_i, E_i[x^2]] and B_j the stale S_j:
     [M, Q] = mean_j B_j + (S_i - B_i), var = Q - M^2. Expanded around the stale mean mu this is
       var = mean_j v~_j + mean_j (m~_j - mu)^2 + (v_i - v~_i) + 2 (m_i - m~_i)(m~_i - mu),
-    the same value without cancellation. Where it is negative (the band changed a lot since the last
-    step) this band's own variance v_i is used, so the result is never NaN.
-    stale [P, B, G, 2], fresh [B, G, 2] -> [B, G, 2].
+    the same value without cancellation. The whole image's variance is never below the mean of its
+    bands' variances (law of total variance); estimated with this band's fresh v_i and the other
+    bands' stale ones, that mean runs high when the image's variance falls between steps, so var is
+    clamped from below by VARIANCE_FLOOR times it: a guard against collapse, not a correction. The
+    reference only replaces a negative var by v_i. Thin bands (8 bands of 4 latent rows, 1 row at
+    the UNet's deepest level) change so much between steps that the estimate falls towards 0 without
+    going negative, and dividing by its square root streaked the demo model's images at the band
+    seams: 8 held-out prompts at 8 bands, 25.4 dB mean / 15.7 dB worst vs one device with the
+    reference's rule, 32.0 / 27.0 dB with the floor; 2 and 4 bands unchanged (39.7 / 35.6 dB; the
+    whole floor cost them 2 dB). stale [P, B, G, 2], fresh [B, G, 2] -> [B, G, 2].
     """
     i = _index(axis, index)
     own = lax.dynamic_index_in_dim(stale, i, axis=0, keepdims=False)
@@ -102,8 +112,9 @@ def corrected_stats(stale, fresh, axis: str, index=None):
     dm = fresh[..., 0] - own[..., 0]
     mean = mu + dm
     var = base[..., 1] + (fresh[..., 1] - own[..., 1]) + 2.0 * dm * (own[..., 0] - mu)
-    var = jnp.where(var < 0, fresh[..., 1], var)
-    return jnp.stack([mean, var], axis=-1)
+    band_vars = lax.dynamic_update_index_in_dim(stale[..., 1], fresh[..., 1].astype(stale.dtype), i, axis=0)
+    within = band_vars.mean(axis=0)
+    return jnp.stack([mean, jnp.maximum(var, VARIANCE_FLOOR * within)], axis=-1)
 
 
 def cfg_exchange(eps, axis: str):
