@@ -93,7 +93,7 @@ class DistriSDXLPipeline:
         variant: Optional[str] = None,
         scheduler: Optional[str] = None,
         vae_dtype=None,
-        attention_impl: Optional[str] = None,
+        attention_impl: Optional[str] = "auto",
         vae_attention_impl: Optional[str] = "auto",
         compilation_cache=None,
         parallel_decode: bool = True,
@@ -101,12 +101,12 @@ class DistriSDXLPipeline:
     ) -> "DistriSDXLPipeline":
         """Load a diffusers SDXL pipeline folder (or its fp16/bf16 variant, or our converted folder).
 
-        `attention_impl` (UNet) and `vae_attention_impl` (VAE): None (jax.nn.dot_product_attention's
-        choice), "xla", "cudnn", "chunked" (blockwise, bounded memory on any backend) or "auto" ("chunked"
-        for attentions whose scores would exceed 1 GiB; at 3840^2 the UNet's and the VAE's need it). The
-        VAE defaults to "auto": its one-head mid-block attention over every latent pixel would otherwise
-        store 17 GB of scores at 2048^2 and 212 GB at 3840^2 (the UNet's default stays None; on GPU
-        pass "cudnn" for speed, "chunked" or "auto" for memory).
+        `attention_impl` (UNet) and `vae_attention_impl` (VAE): "auto" (the default: per attention,
+        cuDNN's fused kernel on NVIDIA GPUs where its dtype and head-dim limits allow, "chunked" where
+        XLA's float32 scores would exceed 1 GiB, XLA's otherwise; `nn.attention.choose_implementation`),
+        None (jax.nn.dot_product_attention's choice), "xla", "cudnn" or "chunked" (blockwise, bounded
+        memory on any backend). Without "chunked" the VAE's one-head mid-block attention over every
+        latent pixel would store 17 GB of scores at 2048^2 and 212 GB at 3840^2.
         `dtype`: UNet and text encoders; `vae_dtype`: default float32 when the VAE's config asks for
         `force_upcast` (SDXL's does), else `dtype`. `scheduler`: "ddim" | "euler" | "dpm-solver"
         overrides the class in scheduler/scheduler_config.json. `compilation_cache`: a directory for

@@ -88,6 +88,50 @@ def test_auto_chunks_only_large_attention(monkeypatch):
     assert scans() == 16  # 4 transformer blocks x (self, cross) x (query map, key/value scan)
 
 
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+H100, A100, V100 = (9, 0), (8, 0), (7, 0)
+
+
+@pytest.mark.parametrize(
+    "case, shape, dtype, capability, expected",
+    [
+        # (batch, heads, q_len, kv_len, head_dim)
+        ("SDXL 1024^2 self-attention, bf16, H100", (2, 10, 4096, 4096, 64), BF16, H100, "cudnn"),
+        ("SDXL cross-attention to 77 tokens, fp16, A100", (2, 20, 1024, 77, 64), F16, A100, "cudnn"),
+        ("SDXL 3840^2 band (8 bands), bf16, A100", (1, 10, 7200, 57600, 64), BF16, A100, "cudnn"),
+        ("float32 on a GPU: no fused kernel, small", (2, 10, 1024, 1024, 64), F32, H100, "xla"),
+        ("float32 on a GPU, 3840^2 scores (44 GB)", (2, 10, 57600, 57600, 64), F32, H100, "chunked"),
+        ("head dim 160 on an A100 (limit 128)", (1, 4, 4096, 4096, 160), BF16, A100, "xla"),
+        ("head dim 160 on an H100 (limit 256)", (1, 4, 4096, 4096, 160), BF16, H100, "cudnn"),
+        ("head dim 60: not a multiple of 8", (1, 4, 4096, 4096, 60), BF16, H100, "xla"),
+        (
+            "VAE mid-block (one head of 512) at 2048^2: 16 GiB",
+            (1, 1, 65536, 65536, 512),
+            BF16,
+            H100,
+            "chunked",
+        ),
+        ("VAE mid-block at 1024^2 on a CPU: scores 1 GiB", (1, 1, 16384, 16384, 512), BF16, None, "xla"),
+        ("V100: no flash attention; scores 1.3 GB", (2, 10, 4096, 4096, 64), F16, V100, "chunked"),
+        ("V100, 1024 tokens", (2, 10, 1024, 1024, 64), F16, V100, "xla"),
+        ("CPU, tiny", (2, 2, 64, 64, 8), F32, None, "xla"),
+        ("CPU, bf16 but no GPU", (2, 10, 4096, 4096, 64), BF16, None, "chunked"),
+        ("CPU, scores exactly 1 GiB", (1, 1, 16384, 16384, 8), F32, None, "xla"),
+        ("CPU, scores one key past 1 GiB", (1, 1, 16384, 16385, 8), F32, None, "chunked"),
+    ],
+)
+def test_auto_decision_table(case, shape, dtype, capability, expected):
+    from distrifusion_jax.nn.attention import choose_implementation
+
+    assert choose_implementation(*shape, dtype, capability) == expected, case
+
+
+def test_cuda_capability_is_none_off_nvidia_gpus():
+    from distrifusion_jax.nn.attention import cuda_capability
+
+    assert jax.default_backend() == "cpu" and cuda_capability() is None
+
+
 def test_vae_decode_with_chunked_attention():
     """The VAE's one-head mid-block attention (head_dim = channels), more than one block of tokens."""
     cfg = VAEConfig.from_dict(

@@ -16,6 +16,36 @@ from .plan import LayerPlan
 IMPLEMENTATIONS = (None, "xla", "cudnn", "chunked", "auto")
 # "auto": "chunked" where the float32 scores [B, N, Tq, Tk] that "xla" materialises would exceed this
 AUTO_CHUNKED_BYTES = 1 << 30
+# cuDNN's fused (flash) attention: half-precision inputs, head dims a multiple of 8 up to this
+# (jax's check_is_flash_attention), compute capability 8.0 (Ampere) and up
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = {(8, 0): 128, (9, 0): 256}
+CUDNN_MIN_CAPABILITY = (8, 0)
+
+
+def cuda_capability() -> Optional[tuple]:
+    """(major, minor) compute capability of the default backend's first device on an NVIDIA GPU
+    (cuDNN's attention exists only there), None on any other backend."""
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
+        return None
+    try:
+        return tuple(int(x) for x in str(device.compute_capability).split(".")[:2])
+    except (AttributeError, ValueError):
+        return None
+
+
+def choose_implementation(batch, heads, q_len, kv_len, head_dim, dtype, capability) -> str:
+    """What implementation="auto" runs for q [batch, q_len, heads, head_dim] against kv_len keys:
+    "cudnn" on an NVIDIA GPU (`capability` = its (major, minor), None elsewhere) where the fused
+    kernel takes the dtype and head dim (its memory is linear in the tokens); otherwise "chunked"
+    where XLA's float32 scores [batch, heads, q_len, kv_len] would exceed AUTO_CHUNKED_BYTES, else
+    "xla"."""
+    if capability is not None and tuple(capability) >= CUDNN_MIN_CAPABILITY:
+        limit = max(v for k, v in CUDNN_MAX_HEAD_DIM.items() if tuple(capability) >= k)
+        if jnp.dtype(dtype).name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= limit:
+            return "cudnn"
+    return "chunked" if batch * heads * q_len * kv_len * 4 > AUTO_CHUNKED_BYTES else "xla"
 
 
 class Attention(nn.Module):
@@ -26,8 +56,9 @@ class Attention(nn.Module):
     `implementation`: None lets `jax.nn.dot_product_attention` choose (today XLA's, which
     materialises the [B, N, Tq, Tk] scores), "xla" / "cudnn" are passed to it ("cudnn": the fused
     GPU kernel); "chunked" is `chunked_dot_product_attention` (blockwise, online softmax, any
-    backend: extra memory O(B N q_chunk kv_chunk) instead of O(B N Tq Tk)); "auto" is "chunked" where
-    the float32 scores would exceed AUTO_CHUNKED_BYTES and None elsewhere.
+    backend: extra memory O(B N q_chunk kv_chunk) instead of O(B N Tq Tk)); "auto" is
+    `choose_implementation`: cuDNN's on NVIDIA GPUs where it applies, "chunked" where the float32
+    scores would exceed AUTO_CHUNKED_BYTES, XLA's elsewhere.
     """
 
     heads: int
@@ -62,8 +93,8 @@ class Attention(nn.Module):
             q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
         impl = self.implementation
         if impl == "auto":
-            scores = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * 4
-            impl = "chunked" if scores > AUTO_CHUNKED_BYTES else None
+            b, t, n, hd = q.shape
+            impl = choose_implementation(b, n, t, k.shape[1], hd, q.dtype, cuda_capability())
         if impl == "chunked":
             out = chunked_dot_product_attention(q, k, v, self.q_chunk, self.kv_chunk)
         else:

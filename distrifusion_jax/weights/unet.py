@@ -31,7 +31,7 @@ def load_unet(
     dtype=jnp.float32,
     variant: Optional[str] = None,
     param_dtype=None,
-    attention_impl: Optional[str] = None,
+    attention_impl: Optional[str] = "auto",
 ):
     """Load a UNet from a diffusers folder (`config.json` + `diffusion_pytorch_model[.fp16|.bf16].safetensors`
     or shards with an index) or from a folder written by `distrifusion-jax convert`.

@@ -54,7 +54,7 @@ def load_vae(
     dtype=jnp.float32,
     variant: Optional[str] = None,
     param_dtype=None,
-    attention_impl: Optional[str] = None,
+    attention_impl: Optional[str] = "auto",
 ):
     """Load an AutoencoderKL from a diffusers VAE folder (`config.json` +
     `diffusion_pytorch_model[.fp16|.bf16].safetensors` or shards with an index) or from a folder written
