@@ -81,8 +81,12 @@ def stale_stats(stale, fresh, axis: str, index=None):
 
     stale [P, B, G, 2], fresh [B, G, 2] -> [B, G, 2]; var >= 0 by construction.
     """
-    i = _index(axis, index)
-    return combine_stats(lax.dynamic_update_index_in_dim(stale, fresh.astype(stale.dtype), i, axis=0))
+    return combine_stats(_own_fresh(stale, fresh, _index(axis, index)))
+
+
+def _own_fresh(stale, fresh, i):
+    """Every band's statistics [P, B, G, 2]: the stale ones with band i's replaced by its fresh ones."""
+    return lax.dynamic_update_index_in_dim(stale, fresh.astype(stale.dtype), i, axis=0)
 
 
 VARIANCE_FLOOR = 0.5  # corrected_stats: var >= this x the mean band variance
@@ -112,8 +116,7 @@ def corrected_stats(stale, fresh, axis: str, index=None):
     dm = fresh[..., 0] - own[..., 0]
     mean = mu + dm
     var = base[..., 1] + (fresh[..., 1] - own[..., 1]) + 2.0 * dm * (own[..., 0] - mu)
-    band_vars = lax.dynamic_update_index_in_dim(stale[..., 1], fresh[..., 1].astype(stale.dtype), i, axis=0)
-    within = band_vars.mean(axis=0)
+    within = _own_fresh(stale, fresh, i)[..., 1].mean(axis=0)  # the mean band variance
     return jnp.stack([mean, jnp.maximum(var, VARIANCE_FLOOR * within)], axis=-1)
 
 
