@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .cache import compile_program
 from .distributed import local_copy, local_device, to_host
 from .errors import ConfigError, show
 from .parallel import PATCH, STALE, PatchPlan, make_mesh
@@ -150,22 +152,29 @@ class Decoder:
         # a quarter of each tile shared with its neighbour by default (16 of 64 rows)
         tile_rows, tile_overlap = check_tiles(tile_rows, tile_overlap)
         self.tile_rows, self.tile_overlap = tile_rows, tile_overlap
-        whole = lambda p, z: vae.apply({"params": p}, z, method=vae.decode)
         scale = vae.config.downsample_factor
-        if tile_rows:
-            self._single = jax.jit(
-                lambda p, z: tiled(lambda t: whole(p, t), z, tile_rows, tile_overlap, scale)
-            )
-        else:
-            self._single = jax.jit(whole)
-        self._banded = None
+
+        def decode(p, z):
+            return vae.apply({"params": p}, z, method=vae.decode)
+
+        def decode_tiles(p, z):
+            return tiled(lambda t: decode(p, t), z, tile_rows, tile_overlap, scale)
+
+        self._single_fn = decode_tiles if tile_rows else decode
+        self._single = jax.jit(self._single_fn)  # for abstract lowering (tools/memory.py)
+        self._banded, self._mesh = None, None
         if len(self.devices) > 1:
             banded = vae.clone(parallel=PatchPlan("sync", "full_sync"))
-            body = lambda p, z: banded.apply({"params": p}, z, method=banded.decode, mutable=[STALE])[0]
-            mesh = make_mesh(self.devices, 1)
-            self._banded = jax.jit(
-                jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, PATCH)), out_specs=P(None, PATCH))
+
+            def decode_band(p, z):
+                return banded.apply({"params": p}, z, method=banded.decode, mutable=[STALE])[0]
+
+            self._mesh = make_mesh(self.devices, 1)
+            self._banded_fn = jax.shard_map(
+                decode_band, mesh=self._mesh, in_specs=(P(), P(None, PATCH)), out_specs=P(None, PATCH)
             )
+            self._banded = jax.jit(self._banded_fn)
+        self._compiled: dict = {}  # (program, argument shapes and placements) -> compiled program
 
     def parallel_for(self, z) -> bool:
         """Whether a latent of this shape is decoded row-sharded."""
@@ -174,8 +183,28 @@ class Decoder:
     def __call__(self, params, z):
         z = jnp.asarray(z, self.vae.dtype) if not isinstance(z, jax.Array) else z.astype(self.vae.dtype)
         if self.parallel_for(z):
-            return self._banded(params, z)
+            if jax.process_count() == 1:  # the denoiser's (cfg, patch) mesh may differ from ours
+                z = jax.device_put(z, NamedSharding(self._mesh, P(None, PATCH)))
+            return self._program("vae-decode-banded", params, z)(params, z)
         if jax.process_count() > 1:  # several processes: each decodes the whole image on a device of its own
             device = local_device(self.devices)
-            return self._single(local_copy(params, device), jax.device_put(to_host(z), device))
-        return self._single(params, jax.device_put(z, self.devices[0]))
+            params, z = local_copy(params, device), jax.device_put(to_host(z), device)
+            return self._program("vae-decode", params, z)(params, z)
+        # one device: weights loaded replicated for the banded decode are used from their copy there
+        params, z = jax.device_put((params, z), self.devices[0])
+        return self._program("vae-decode", params, z)(params, z)
+
+    def _program(self, name: str, params, z):
+        """The decode compiled for these shapes and placements, or read from the persistent caches."""
+        key = (name, jax.tree_util.tree_structure(params), z.shape, z.dtype, getattr(z, "sharding", None))
+        if key not in self._compiled:
+            identity = repr((self.vae, self.tile_rows, self.tile_overlap, len(self.devices)))
+            if name == "vae-decode":
+                program = compile_program(name, self._single_fn, (params, z), identity)
+            else:  # several processes: the latents keep the denoiser's placement and the program reshards
+                shardings = None
+                if jax.process_count() == 1:
+                    shardings = (NamedSharding(self._mesh, P()), NamedSharding(self._mesh, P(None, PATCH)))
+                program = compile_program(name, self._banded_fn, (params, z), identity, self._mesh, shardings)
+            self._compiled[key] = program
+        return self._compiled[key]

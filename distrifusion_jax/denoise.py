@@ -13,6 +13,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .cache import compile_program
 from .config import DistriConfig
 from .distributed import place, spans_processes, to_host
 from .errors import DistriFusionError
@@ -75,43 +76,61 @@ class Denoiser:
         # mesh axes per-device state varies over: the guidance branch only when the CFG split gives each
         # half its own; without it the state must stay invariant over the (size-1) cfg axis like the latents
         self.varying = (CFG, PATCH) if self.cfg_size == 2 else (PATCH,)
-        # progress(i, n) is called from the host as steps finish; with None no callback is compiled in
+        # progress(i, n): with None the whole loop is one program (lax.scan); otherwise the host calls one
+        # program per step and reports each as it finishes (`_stepwise`), so no program holds a host callback
         self.progress = progress
-        self._report = progress is not None
-        self._done = -1
-        self._jitted = jax.jit(self._run)
-        self._executables: dict = {}  # input shapes/dtypes -> compiled program
+        self._jitted = jax.jit(self._run)  # the whole loop, for abstract lowering (tools/abstract.py)
+        self._executables: dict = {}  # (program, input shapes/dtypes/placements) -> compiled program
         self._finite = None  # per step and band of the last call: were the latents after that step finite?
-        self.last_compile_s = 0.0  # seconds the last call spent compiling (0 when it reused a program)
+        self.last_compile_s = 0.0  # seconds the last call spent compiling (0 when it reused its programs)
 
     @property
     def compiled(self) -> bool:
         """Whether a program has been compiled already (a later call with the same shapes reuses it)."""
         return bool(self._executables)
 
-    def _executable(self, *args):
-        """The compiled program for these argument shapes and placements, compiled (and timed) on first use.
+    def _executable(self, name, *args):
+        """The compiled program `name` ("loop", "start", "step0", "step1") for these argument shapes and
+        placements: compiled (and timed) on first use, or read from the persistent caches (`compile_program`).
 
         The placement is part of the key: a compiled program only accepts inputs laid out as it was
         compiled for (a row-sharded latent from an earlier call differs from a host array).
         """
         key = (
+            name,
             jax.tree_util.tree_structure(args),
             tuple((a.shape, jnp.result_type(a), getattr(a, "sharding", None)) for a in jax.tree.leaves(args)),
         )
-        self.last_compile_s = 0.0
         if key not in self._executables:
+            fn, specs, donate = self._program(name)
+            shardings = None
+            if self.mesh is not None:  # explicit, so that a traced program kept on disk records them
+                shardings = jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs)
+            mesh = self.mesh if self.tensor is None else self.tensor.mesh
             t0 = time.perf_counter()
-            self._executables[key] = self._jitted.lower(*args).compile()
-            self.last_compile_s = time.perf_counter() - t0
+            self._executables[key] = compile_program(
+                f"denoise-{name}", fn, args, self._identity(), mesh, shardings, donate
+            )
+            self.last_compile_s += time.perf_counter() - t0
         return self._executables[key]
 
-    def _tick(self, i):
-        i = int(i)
-        if i > self._done:  # under shard_map every device reports each step: count it once
-            self._done = i
-            if self.progress is not None:
-                self.progress(i + 1, self.num_steps)
+    def _program(self, name: str) -> tuple:
+        """(function, PartitionSpecs of its arguments on the mesh, donated argument indices) of a program."""
+        if name == "loop":
+            return self._run, self.in_specs(), ()
+        if name == "start":
+            return self._start_program(), self.in_specs(), ()
+        params_spec, _, ehs_spec, added_spec, scale_spec = self.in_specs()
+        specs = (params_spec, *self._carry_specs(), ehs_spec, added_spec, scale_spec)
+        return (
+            self._advance_program(int(name[len("step") :])),
+            specs,
+            (1, 2, 3),
+        )  # the old carry holds the new
+
+    def _identity(self) -> str:
+        """Everything the traced programs depend on besides their arguments (the key of `compile_program`)."""
+        return repr((self.unet, self.config, self.scheduler, self.num_steps, self.guidance_rescale, self.cfg))
 
     def __call__(self, params, latents, encoder_hidden_states, added_cond_kwargs=None, guidance_scale=None):
         """latents [B, h, w, C] (NHWC, as the scheduler expects them at the first step) -> final latents.
@@ -123,14 +142,21 @@ class Denoiser:
         gets a global array back (`distributed.to_host` reads it).
         """
         self._check_inputs(latents, encoder_hidden_states)
-        self._done = -1
+        self.last_compile_s = 0.0
         scale = jnp.float32(self.guidance_scale if guidance_scale is None else guidance_scale)
         args = (params, latents, encoder_hidden_states, added_cond_kwargs, scale)
         if self.tensor is not None:  # parameters split over the tensor axis, the rest replicated
             args = self.tensor.place(*args)
         elif self.mesh is not None and spans_processes(self.devices):
             args = self.place_global(*args)
-        latents, self._finite = self._executable(*args)(*args)
+        elif self.mesh is not None:  # where the programs take them (weights placed once stay where they are)
+            args = tuple(
+                jax.device_put(a, NamedSharding(self.mesh, s)) for a, s in zip(args, self.in_specs())
+            )
+        if self.progress is not None:
+            latents, self._finite = self._stepwise(*args)
+        else:
+            latents, self._finite = self._executable("loop", *args)(*args)
         return latents
 
     def nonfinite_step(self) -> Optional[int]:
@@ -141,7 +167,14 @@ class Denoiser:
         """
         if self._finite is None:
             return None
-        ok = np.asarray(to_host(self._finite)).reshape(self.num_steps, -1).all(axis=1)
+        flags = (
+            self._finite if isinstance(self._finite, list) else [self._finite]
+        )  # per step, or the whole loop's
+        ok = (
+            np.concatenate([np.asarray(to_host(f)).ravel() for f in flags])
+            .reshape(self.num_steps, -1)
+            .all(axis=1)
+        )
         return None if ok.all() else int(np.argmin(ok))
 
     def in_specs(self) -> tuple:
@@ -191,66 +224,140 @@ class Denoiser:
         return guided(u, c, scale, self.guidance_rescale, axis), new
 
     # ---- the loop ----
-    def _loop(self, params, latents, ehs, added, scale, step_fns):
-        """lax.scan over step indices for each (phase function, first, last) in step_fns.
-
-        Returns the final latents and, per step, whether this device's latents were finite after it [steps, 1].
-        """
-        sched = self.scheduler
-        latents = latents.astype(jnp.float32)
-        carry = (latents, sched.init(self.num_steps, latents), None)
-        finite = []
-        for fn, start, stop, stale_init in step_fns:
-            if stop <= start:
-                continue
-            lat, sstate, stale = carry
-            if stale is None and stale_init is not None:
-                stale = stale_init(params, lat, ehs, added)
-
-            def body(c, i, fn=fn):
-                lat, sstate, stale = c
-                x = sched.scale_model_input(sstate, lat, i)
-                eps, stale = fn(params, stale, x, self.timesteps[i], ehs, added, i, scale)
-                lat, sstate = sched.step(sstate, eps, i, lat)
-                if self._report:
-                    jax.debug.callback(self._tick, i, ordered=False)
-                return (lat, sstate, stale), jnp.isfinite(lat).all()
-
-            carry, ok = lax.scan(body, (lat, sstate, stale), jnp.arange(start, stop))
-            finite.append(ok)
-        return carry[0], jnp.concatenate(finite)[:, None]
-
-    def _run(self, params, latents, ehs, added, scale):
+    def _phases(self) -> list:
+        """[(step function, first step, stop, stale_init)] of the run: on one device's band when there is a mesh
+        (called inside shard_map), else the whole latents. A step function maps (params, stale, x, t, ehs,
+        added, i, scale) to (eps, stale); stale_init makes the first stale state (None: there is none)."""
+        n = self.num_steps
         if self.mesh is None:  # one device, or tensor parallelism (the same loop under GSPMD)
             unet = self.model(None) if self.tensor is None else self.tensor.wrap(self.model(None))
             fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
-            return self._loop(params, latents, ehs, added, scale, [(fn, 0, self.num_steps, None)])
-        local = shard_map_fn(
-            self._local, self.mesh, in_specs=self.in_specs(), out_specs=(P(None, PATCH),) * 2
-        )
-        return local(params, latents, ehs, added, scale)
-
-    def _local(self, params, latents, ehs, added, scale):
-        """The whole loop on one device's band (inside shard_map)."""
-        c = self.config
-        if (
-            c.parallelism == "naive_patch" or self.patches == 1
-        ):  # one band per device group: nothing to exchange
-            return self._loop(
-                params, latents, ehs, added, scale, [(self._naive_step, 0, self.num_steps, None)]
-            )
+            return [(fn, 0, n, None)]
+        if self.config.parallelism == "naive_patch" or self.patches == 1:  # nothing to exchange
+            return [(self._naive_step, 0, n, None)]
         sync, displaced = self.model(self.plan("sync")), self.model(self.plan("displaced"))
         sync_fn = lambda p, s, x, t, e, a, i, g: self.eps(sync, p, s, x, t, e, a, g)
         disp_fn = lambda p, s, x, t, e, a, i, g: self.eps(displaced, p, s, x, t, e, a, g)
         stale_init = functools.partial(self.initial_stale, sync)
-        return self._loop(
-            params,
-            latents,
-            ehs,
-            added,
-            scale,
-            [(sync_fn, 0, self.num_sync, stale_init), (disp_fn, self.num_sync, self.num_steps, stale_init)],
+        return [(sync_fn, 0, self.num_sync, stale_init), (disp_fn, self.num_sync, n, stale_init)]
+
+    def _step(self, fn, params, carry, i, ehs, added, scale):
+        """One denoising step: carry (latents, scheduler state, stale state) after step i."""
+        lat, sstate, stale = carry
+        x = self.scheduler.scale_model_input(sstate, lat, i)
+        eps, stale = fn(params, stale, x, self.timesteps[i], ehs, added, i, scale)
+        lat, sstate = self.scheduler.step(sstate, eps, i, lat)
+        return lat, sstate, stale
+
+    def _first_carry(self, params, latents, ehs, added):
+        """(latents in float32, the scheduler's initial state, the initial stale state or None)."""
+        lat = latents.astype(jnp.float32)
+        init = next((ph[3] for ph in self._phases() if ph[3] is not None), None)
+        stale = init(params, lat, ehs, added) if init is not None else None
+        return lat, self.scheduler.init(self.num_steps, lat), stale
+
+    def _loop(self, params, latents, ehs, added, scale):
+        """All steps as lax.scan, one per phase. Returns the final latents and, per step, whether this device's
+        latents were finite after it [steps, 1]."""
+        carry, finite = self._first_carry(params, latents, ehs, added), []
+        for fn, start, stop, _ in self._phases():
+            if stop <= start:
+                continue
+
+            def body(c, i, fn=fn):
+                c = self._step(fn, params, c, i, ehs, added, scale)
+                return c, jnp.isfinite(c[0]).all()
+
+            carry, ok = lax.scan(body, carry, jnp.arange(start, stop))
+            finite.append(ok)
+        return carry[0], jnp.concatenate(finite)[:, None]
+
+    def _run(self, params, latents, ehs, added, scale):
+        if self.mesh is None:
+            return self._loop(params, latents, ehs, added, scale)
+        local = shard_map_fn(self._loop, self.mesh, in_specs=self.in_specs(), out_specs=(P(None, PATCH),) * 2)
+        return local(params, latents, ehs, added, scale)
+
+    # ---- step by step, for progress: one program per phase, called from the host ----
+    # The carry crosses program boundaries as (latents, scheduler state, stale state, next step index). On a
+    # mesh the per-device scheduler and stale leaves travel stacked on a leading device axis, so they stay on
+    # their devices, sharded, between calls; the latents keep their row sharding.
+    def _carry_specs(self) -> tuple:
+        return P(None, PATCH), P(PATCH), P(self.varying), P()
+
+    def _pack(self, sstate, stale):
+        """The scheduler state as a list of its leaves (its classes need not be known to jax.export); on a mesh
+        both states stacked on a leading device axis."""
+        sstate = jax.tree.leaves(sstate)
+        if self.mesh is None:
+            return sstate, stale
+        stack = lambda tree, axes: jax.tree.map(lambda x: x[None], vary(tree, axes))
+        return stack(sstate, (PATCH,)), stack(stale, self.varying)
+
+    def _unpack(self, sstate, stale):
+        if self.mesh is not None:
+            sstate, stale = jax.tree.map(lambda x: x[0], (sstate, stale))
+        like = jax.ShapeDtypeStruct(
+            (1, 1, 1, 1), jnp.float32
+        )  # the state's structure does not depend on shapes
+        tree = jax.tree.structure(
+            jax.eval_shape(functools.partial(self.scheduler.init, self.num_steps), like)
         )
+        return jax.tree.unflatten(tree, sstate), stale
+
+    def _on_mesh(self, fn, in_specs, out_specs):
+        return (
+            fn if self.mesh is None else shard_map_fn(fn, self.mesh, in_specs=in_specs, out_specs=out_specs)
+        )
+
+    def _start_program(self):
+        def start(params, latents, ehs, added, scale):
+            lat, sstate, stale = self._first_carry(params, latents, ehs, added)
+            return (lat, *self._pack(sstate, stale), jnp.int32(0))
+
+        return self._on_mesh(start, self.in_specs(), self._carry_specs())
+
+    def _advance_program(self, phase: int):
+        """One step of phase `phase`: (params, *carry, ehs, added, scale) -> (*carry, finite [1] per band)."""
+
+        def advance(params, lat, sstate, stale, i, ehs, added, scale):
+            fn = self._phases()[phase][0]
+            lat, sstate, stale = self._step(
+                fn, params, (lat, *self._unpack(sstate, stale)), i, ehs, added, scale
+            )
+            return (lat, *self._pack(sstate, stale), i + 1, jnp.isfinite(lat).all()[None])
+
+        params_spec, _, ehs_spec, added_spec, scale_spec = self.in_specs()
+        specs = (params_spec, *self._carry_specs(), ehs_spec, added_spec, scale_spec)
+        return self._on_mesh(advance, specs, (*self._carry_specs(), P(PATCH)))
+
+    def _stepwise(self, params, latents, ehs, added, scale):
+        """The loop as host calls of compiled one-step programs, reporting each step as it finishes.
+
+        Every program is compiled (or loaded from the persistent cache) before the first step, then
+        progress(0, n) marks the start; step i + 1 is queued before waiting for step i, so the device is
+        never idle waiting for the host.
+        """
+        rest = (ehs, added, scale)
+        carry = self._executable("start", params, latents, *rest)(params, latents, *rest)
+        programs = []
+        for k, (_, first, stop, _) in enumerate(self._phases()):
+            if stop > first:
+                programs.append((self._executable(f"step{k}", params, *carry, *rest), first, stop))
+        self.progress(0, self.num_steps)
+        finite = []
+        for program, first, stop in programs:
+            for i in range(first, stop):
+                *carry, ok = program(params, *carry, *rest)
+                finite.append(ok)
+                if i > 0:
+                    self._finished(finite[i - 1], i)
+        self._finished(finite[-1], self.num_steps)
+        return carry[0], finite
+
+    def _finished(self, flag, done: int) -> None:
+        jax.block_until_ready(flag)
+        self.progress(done, self.num_steps)
 
     def initial_stale(self, sync_unet, params, lat, ehs, added):
         """Zeros shaped like the stale state, from abstract evaluation of a synchronous step."""

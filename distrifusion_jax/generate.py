@@ -57,9 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-progress",
         action="store_true",
-        help="no per-step progress bar: the denoising program then has no host callback and is "
-        "also stored in the compilation cache (with the bar only the text encoders and "
-        "the VAE are)",
+        help="no per-step progress bar: the whole loop then runs as one compiled program (lax.scan) "
+        "instead of one call per step; both are stored in the compilation cache",
     )
     add_distri_flags(p, height=None, width=None)
     for flag in ("--height", "--width"):
@@ -183,7 +182,8 @@ def run(args) -> None:
         save_image(out.images[0], args.output, fmt, args.overwrite)
         t = out.timings
         print(
-            f"wrote {args.output} ({args.width}x{args.height}); compile {t['compile_s']:.1f} s, denoising "
+            f"wrote {args.output} ({args.width}x{args.height}); compile {t['compile_s']:.1f} s "
+            f"({t['programs_compiled']} programs compiled, {t['programs_loaded']} from the cache), denoising "
             f"{t['denoise_s']:.2f} s ({1e3 * t['denoise_s'] / args.steps:.1f} ms/step), decode "
             f"{t['decode_s']:.2f} s, text encoding {t['encode_s']:.2f} s",
             file=sys.stderr,
@@ -212,15 +212,20 @@ def generate(pipe, args, main: bool):
     from tqdm.auto import tqdm
 
     if main:
-        print("compiling the denoising loop (cached for later runs of the same shapes)...", file=sys.stderr)
+        print(
+            "compiling the programs for these shapes, or loading them from the cache...",
+            file=sys.stderr,
+        )
     bars = []
 
-    def progress(i, n):
+    def progress(i, n):  # i = 0 once compiled, then each finished step: the bar times denoising steps only
         if not main:  # a no-op rather than None: every process must compile the same program
             return
-        if not bars:  # created at the first finished step, so compilation does not count as step time
+        if not bars:
             bars.append(tqdm(total=n, desc="denoising", unit="step", file=sys.stderr))
         bars[0].update(i - bars[0].n)
+        if i == n:
+            bars[0].close()
 
     try:
         return pipe(

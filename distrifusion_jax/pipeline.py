@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from .arguments import (
@@ -22,7 +24,7 @@ from .arguments import (
     micro_conditioning,
     prng_key,
 )
-from .cache import enable_compilation_cache
+from .cache import CompileClock, enable_compilation_cache
 from .config import DistriConfig
 from .decode import Decoder
 from .denoise import Denoiser
@@ -40,7 +42,11 @@ from .weights.vae import load_vae
 @dataclasses.dataclass
 class PipelineOutput:
     """`images`: PIL images, an array [B, H, W, 3] in [0, 1] ("np"), or latents [B, 4, h, w] ("latent");
-    `timings`: seconds spent in text encoding, denoising (with compilation on a first call) and decoding."""
+    `timings`: seconds spent in text encoding (`encode_s`), denoising (`denoise_s`) and decoding (`decode_s`),
+    each without compilation; `compile_s`: seconds spent tracing, compiling or loading compiled programs from
+    the persistent cache, all stages together; `programs_compiled` / `programs_loaded`: how many programs
+    XLA compiled and how many came from the cache; `compiled`: whether the denoising loop's programs were
+    compiled or loaded in this call (False when an earlier call's are reused)."""
 
     images: Any
     timings: dict
@@ -133,12 +139,25 @@ class DistriSDXLPipeline:
         )
         enable_compilation_cache(compilation_cache)
         root = files.root
+        # weights go straight from the file to every device that uses them (one process: several processes
+        # place theirs in __init__)
+        devices = distri_config.resolve_devices()
+        replicated = None
+        if len(devices) > 1 and not spans_processes(devices):
+            replicated = NamedSharding(make_mesh(devices, 1), P())
+        unet_sharding = (
+            None if distri_config.parallelism == "tensor" else replicated
+        )  # TensorPlan splits them
         unet, unet_params = load_unet(
-            root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl
+            root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl, sharding=unet_sharding
         )
         vae_dtype = vae_dtype or (jnp.float32 if files.vae.get("force_upcast", True) else dtype)
         vae, vae_params = load_vae(
-            root / "vae", dtype=vae_dtype, variant=variant, attention_impl=vae_attention_impl
+            root / "vae",
+            dtype=vae_dtype,
+            variant=variant,
+            attention_impl=vae_attention_impl,
+            sharding=replicated if parallel_decode else None,
         )
         encoders, text_params = [], []
         for name in ("text_encoder", "text_encoder_2"):
@@ -215,7 +234,8 @@ class DistriSDXLPipeline:
 
         `latents`: diffusers' layout (B, 4, H/8, W/8) and semantics (unit noise, multiplied here by the
         scheduler's initial sigma), so a diffusers image can be reproduced exactly. `seed`: an int in
-        [0, 2**63). `progress(i, n)` is called as denoising steps complete. Every argument is checked
+        [0, 2**63). `progress(i, n)` is called with i = 0 when denoising starts (after compiling) and then as
+        each step completes (i = 1 .. n); the loop then runs as one compiled program per step. Every argument is checked
         before any encoding or compiling (a one-line ConfigError); latents or an image that went NaN
         or infinite raise NonFiniteError, a device out of memory OutOfMemoryError. In a multi-process
         run (`distributed.initialize`) every process calls this with the same arguments and gets the
@@ -242,8 +262,7 @@ class DistriSDXLPipeline:
         latents = check_latents(latents, (n_images, 4, dc.latent_height, dc.latent_width), dc)
         d = self.denoiser(dc, sched, steps, guidance_rescale, progress)  # layout checks; nothing compiled yet
 
-        timings = {}
-        t0 = time.perf_counter()
+        timings, clock, t0 = {}, CompileClock(), time.perf_counter()
         embeds, pooled = self.prompt_encoder(
             prompt,
             prompt_2,
@@ -261,7 +280,7 @@ class DistriSDXLPipeline:
             )
         else:
             noise = jnp.asarray(latents.transpose(0, 2, 3, 1))
-        timings["encode_s"] = time.perf_counter() - t0
+        timings["encode_s"], compile_s = self._lap(t0, clock, 0.0)
 
         t0 = time.perf_counter()
         sigma = sched.init_noise_sigma(steps)
@@ -276,11 +295,10 @@ class DistriSDXLPipeline:
             out = jax.block_until_ready(out)
             host_latents = to_host(out)
         check_denoised(d, host_latents, sched, self.unet.dtype, guidance_scale)
-        timings["compile_s"] = d.last_compile_s
-        timings["denoise_s"] = time.perf_counter() - t0 - d.last_compile_s
+        timings["denoise_s"], compile_s = self._lap(t0, clock, compile_s)
         timings["compiled"] = d.last_compile_s > 0
         if output_type == "latent":
-            return PipelineOutput(host_latents.transpose(0, 3, 1, 2), timings)
+            return PipelineOutput(host_latents.transpose(0, 3, 1, 2), self._summary(timings, clock))
 
         t0 = time.perf_counter()
         with self.out_of_memory_as_error("the VAE decode", dc, n_images, False, self.decoder.devices):
@@ -289,10 +307,26 @@ class DistriSDXLPipeline:
             )
         check_decoded(image, self.vae.dtype)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
-        timings["decode_s"] = time.perf_counter() - t0
+        timings["decode_s"], _ = self._lap(t0, clock, compile_s)
         if output_type == "np":
-            return PipelineOutput(image, timings)
-        return PipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in image], timings)
+            return PipelineOutput(image, self._summary(timings, clock))
+        images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]
+        return PipelineOutput(images, self._summary(timings, clock))
+
+    @staticmethod
+    def _lap(t0: float, clock: CompileClock, compiled_before: float) -> tuple:
+        """(seconds since t0 less the compilation in them, the clock's compilation seconds so far)."""
+        compiled = clock.seconds
+        return time.perf_counter() - t0 - (compiled - compiled_before), compiled
+
+    @staticmethod
+    def _summary(timings: dict, clock: CompileClock) -> dict:
+        return {
+            **timings,
+            "compile_s": clock.seconds,
+            "programs_compiled": clock.compiled,
+            "programs_loaded": clock.loaded,
+        }
 
     @contextlib.contextmanager
     def out_of_memory_as_error(self, stage: str, dc: DistriConfig, n_images: int, do_cfg: bool, devices):

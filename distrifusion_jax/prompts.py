@@ -6,9 +6,9 @@ import reprlib
 import warnings
 from typing import Optional, Sequence, Union
 
-import jax
 import jax.numpy as jnp
 
+from .cache import compile_program
 from .errors import ConfigError
 
 Prompt = Union[str, Sequence[str], None]
@@ -69,17 +69,34 @@ class PromptEncoder:
 
     def __init__(self, tokenizers, encoders, params):
         self.tokenizers, self.encoders, self.params = tokenizers, encoders, params
-        self._fns = [jax.jit(lambda p, ids, m=m: m.apply({"params": p}, ids)) for m in encoders]
+        self._compiled: dict = {}  # (encoder, ids shape) -> compiled program
+
+    def _encoder(self, k: int, ids):
+        """Encoder k compiled for token ids of this shape: (penultimate hidden states, projected pooled or None),
+        what SDXL uses; read from the persistent caches when they hold it (`compile_program`)."""
+        key = (k, ids.shape)
+        if key not in self._compiled:
+            model = self.encoders[k]
+
+            def encode(params, ids):
+                out = model.apply({"params": params}, ids)
+                return out.hidden_states[-2], out.text_embeds
+
+            self._compiled[key] = compile_program(
+                f"text-encoder-{k}", encode, (self.params[k], ids), repr(model)
+            )
+        return self._compiled[key]
 
     def encode(self, prompts: list, prompts_2: list):
         hidden, pooled, cut = [], None, {}
-        for tok, fn, params, texts in zip(self.tokenizers, self._fns, self.params, (prompts, prompts_2)):
+        for k, (tok, params, texts) in enumerate(zip(self.tokenizers, self.params, (prompts, prompts_2))):
             ids, cut_here = tokenize(tok, texts)
             cut.update(cut_here)  # keyed by prompt: both encoders cut the same prompt once
-            out = fn(params, jnp.asarray(ids))
-            hidden.append(out.hidden_states[-2])  # SDXL uses the penultimate layer of both
-            if out.text_embeds is not None and pooled is None:
-                pooled = out.text_embeds  # the projected pooled output of the encoder with a projection
+            ids = jnp.asarray(ids)
+            states, projected = self._encoder(k, ids)(params, ids)
+            hidden.append(states)  # SDXL uses the penultimate layer of both
+            if projected is not None and pooled is None:
+                pooled = projected  # the projected pooled output of the encoder with a projection
         warn_cut(cut, self.tokenizers[0].model_max_length)
         return jnp.concatenate(hidden, axis=-1), pooled
 

@@ -6,6 +6,7 @@ Two runs start a real process: generate on fake devices, and the compilation cac
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,6 @@ from distrifusion_jax import cli, pipeline
 from distrifusion_jax.errors import DistriFusionError
 from distrifusion_jax.tools import benchmark
 from distrifusion_jax.tools.random_pipeline import write_random_pipeline
-from helpers import FAST_COMPILE_FLAGS
 
 SMALL = (
     "--height",
@@ -324,10 +324,8 @@ def test_generate_in_process(tiny_pipeline, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["cube.png"]
 
 
-def cli_process(*args, fast_compile=True):
+def cli_process(*args):
     env = dict(os.environ, DISTRIFUSION_JAX_CACHE="off")  # tests write nothing to the user's cache
-    if not fast_compile:  # conftest's cheaper XLA optimisation off: a program compiling in over 1 s is needed
-        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAGS, "").strip()
     return subprocess.run(
         [sys.executable, "-m", "distrifusion_jax", *map(str, args)],
         capture_output=True,
@@ -373,9 +371,11 @@ def test_generate_on_fake_devices(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_compilation_cache_is_written(tiny_pipeline, tmp_path):
-    """Without the progress callback the denoising program lands in the persistent cache."""
-    r = cli_process(
+def test_second_run_compiles_nothing(tiny_pipeline, tmp_path):
+    """With the progress bar on (the default) the second identical run of `generate` traces and compiles
+    nothing: the denoising programs, the text encoders and the decode come from the caches, and its progress
+    bar counts the denoising steps."""
+    args = [
         "generate",
         "--model",
         tiny_pipeline,
@@ -386,17 +386,21 @@ def test_compilation_cache_is_written(tiny_pipeline, tmp_path):
         "--width",
         64,
         "--steps",
-        2,
-        "--devices",
-        1,
-        "--dtype",
-        "float32",
-        "--no-progress",
-        "--output",
-        tmp_path / "a.png",
-        "--compile-cache",
-        tmp_path / "cache",
-        fast_compile=False,
-    )  # only compilations over 1 s are cached
-    assert r.returncode == 0, r.stderr
-    assert any(p.name.startswith("jit__run") for p in (tmp_path / "cache").iterdir())
+        3,
+    ]
+    args += ["--devices", 1, "--dtype", "float32", "--compile-cache", tmp_path / "cache", "--overwrite"]
+    first = cli_process(*args, "--output", tmp_path / "a.png")
+    second = cli_process(*args, "--output", tmp_path / "b.png")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    compiled = lambda r: int(
+        re.search(r"\((\d+) programs compiled, (\d+) from the cache\)", r.stderr).group(1)
+    )
+    print(first.stderr.splitlines()[-1], second.stderr.splitlines()[-1], sep="\n")
+    assert compiled(first) > 0 and compiled(second) == 0
+    assert "3/3" in second.stderr  # the bar reached the last step
+    programs = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "programs").glob("*.jaxexport"))
+    # the loop's start and its one (synchronous: warmup 4 > 3 steps) step program, both text encoders, decode
+    assert programs.count("denoise") == 2 and programs.count("text") == 2 and programs.count("vae") == 1
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    )

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).parents[1] / "distrifusion_jax"
 # from lower layers and from its own subpackage. "" is the package's __init__ (re-exports the public API).
 LAYERS = [
     {"errors"},
-    {"config", "keymap", "tokenizer", "cache", "distributed", "prompts"},
+    {"cache"},
+    {"config", "keymap", "tokenizer", "distributed", "prompts"},
     {"parallel", "nn", "schedulers"},  # parallel/ depends on nothing above nn/
     {"models"},
     {"weights", "tensor_parallel", "decode", "arguments"},

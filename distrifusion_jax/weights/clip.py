@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from .. import keymap
 from ..config import read_json
 from ..models.clip import CLIPTextConfig, text_encoder_class
-from .files import check_folder, read_params, resolve_dtype
+from .files import check_folder, param_shapes, read_params, resolve_dtype, to_devices
 
 TRANSFORMERS_WEIGHTS = "model"  # model.safetensors, model.fp16.safetensors, model.safetensors.index.json
 
@@ -32,7 +32,7 @@ def read_text_encoder_params(path, dtype=jnp.float32, variant: Optional[str] = N
     folder = check_folder(path, "text_encoder")
     raw = read_json(folder / "config.json")
     cls, config = text_encoder_class(raw), CLIPTextConfig.from_dict(raw)
-    expected = {k: tuple(v.shape) for k, v in keymap.flatten(cls(config).abstract_params()).items()}
+    expected = param_shapes(cls(config))
     flat = read_params(
         folder,
         expected,
@@ -46,15 +46,18 @@ def read_text_encoder_params(path, dtype=jnp.float32, variant: Optional[str] = N
     return cls, config, flat
 
 
-def load_text_encoder(path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype=None):
+def load_text_encoder(
+    path, dtype=jnp.float32, variant: Optional[str] = None, param_dtype=None, sharding=None
+):
     """Load a CLIP text encoder from a transformers folder (`config.json` + `model[.fp16].safetensors` or
     shards with an index) or from a folder written by `convert_text_encoder`.
 
     The class follows `architectures` in config.json: `CLIPTextModel` (SDXL's text_encoder) or
     `CLIPTextModelWithProjection` (text_encoder_2). Returns `(model, params)`: the Flax model computing
-    in `dtype` and its parameters, cast to `param_dtype` (default: `dtype`), as a nested dict of jax arrays.
+    in `dtype` and its parameters, cast to `param_dtype` (default: `dtype`), as a nested dict of jax arrays
+    placed with `sharding` (default: the default device).
     """
     param_dtype = dtype if param_dtype is None else param_dtype
     cls, config, flat = read_text_encoder_params(path, param_dtype, variant)
     model = cls(config, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype))
-    return model, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+    return model, keymap.unflatten(to_devices(flat, sharding))

@@ -13,6 +13,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .. import keymap
+from ..cache import cached_json
 from ..config import DTYPE_NAMES
 from ..errors import CheckpointError
 
@@ -32,6 +33,25 @@ def resolve_dtype(dtype) -> np.dtype:
     if dt not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
         raise CheckpointError(f"unsupported dtype {dt}: use one of {', '.join(DTYPE_NAMES)}")
     return dt
+
+
+def param_shapes(model) -> dict:
+    """{flat Flax path: shape} of a model's parameters. Abstract evaluation traces the model (about a second for
+    a UNet on a CPU), so the result is kept beside the persistent compilation cache, keyed by the model."""
+
+    def compute():
+        return {k: list(a.shape) for k, a in keymap.flatten(model.abstract_params()).items()}
+
+    return {k: tuple(v) for k, v in cached_json("param-shapes", repr(model), compute).items()}
+
+
+def to_devices(flat: dict, sharding=None) -> dict:
+    """Host arrays straight to where they are used: `sharding` (a jax Sharding, e.g. replicated over a mesh's
+    devices) or, with None, the default device."""
+    import jax
+
+    # device_put, not jnp.asarray: that stages a small program per dtype (traced and compiled in every process)
+    return {k: jax.device_put(v, sharding) for k, v in flat.items()}
 
 
 # ---- finding and reading files ----

@@ -13,16 +13,14 @@ from safetensors.numpy import save_file
 from .. import keymap
 from ..models import UNet2DConditionModel
 from ..models.unet import UNetConfig, to_diffusers_dict
-from .files import DIFFUSERS_WEIGHTS, check_folder, read_params, resolve_dtype
+from .files import DIFFUSERS_WEIGHTS, check_folder, param_shapes, read_params, resolve_dtype, to_devices
 
 
 def read_unet_params(path, dtype=np.float32, variant: Optional[str] = None, progress=None):
     """(UNetConfig, flat {Flax path: numpy array in `dtype`}) from a diffusers or converted UNet folder."""
     folder = check_folder(path, "UNet")
     config = UNetConfig.from_json(folder / "config.json")
-    expected = {
-        k: tuple(v.shape) for k, v in keymap.flatten(UNet2DConditionModel(config).abstract_params()).items()
-    }
+    expected = param_shapes(UNet2DConditionModel(config))
     return config, read_params(folder, expected, DIFFUSERS_WEIGHTS, dtype, variant, progress=progress)
 
 
@@ -32,12 +30,14 @@ def load_unet(
     variant: Optional[str] = None,
     param_dtype=None,
     attention_impl: Optional[str] = "auto",
+    sharding=None,
 ):
     """Load a UNet from a diffusers folder (`config.json` + `diffusion_pytorch_model[.fp16|.bf16].safetensors`
     or shards with an index) or from a folder written by `distrifusion-jax convert`.
 
     Returns `(unet, params)`: a `UNet2DConditionModel` computing in `dtype` and its parameters, cast to
-    `param_dtype` (default: `dtype`), as a nested dict of jax arrays.
+    `param_dtype` (default: `dtype`), as a nested dict of jax arrays placed with `sharding` (a jax Sharding,
+    e.g. replicated over a mesh: the host arrays go straight there; default: the default device).
     """
     param_dtype = dtype if param_dtype is None else param_dtype
     config, flat = read_unet_params(path, param_dtype, variant)
@@ -47,7 +47,7 @@ def load_unet(
         param_dtype=resolve_dtype(param_dtype),
         attention_impl=attention_impl,
     )
-    return unet, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+    return unet, keymap.unflatten(to_devices(flat, sharding))
 
 
 def save_unet_diffusers(folder, config: UNetConfig, params, dtype=np.float32) -> Path:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .. import keymap
 from ..models.vae import AutoencoderKL, VAEConfig
-from .files import DIFFUSERS_WEIGHTS, check_folder, read_params, resolve_dtype
+from .files import DIFFUSERS_WEIGHTS, check_folder, param_shapes, read_params, resolve_dtype, to_devices
 
 # Checkpoints saved before diffusers renamed its VAE attention (and single-file conversions of the
 # original LDM weights) name the projections differently, sometimes storing them as 1x1 convs.
@@ -41,7 +41,7 @@ def read_vae_params(path, dtype=jnp.float32, variant: Optional[str] = None, prog
     """(VAEConfig, flat {Flax path: numpy array in `dtype`}) from a diffusers or converted VAE folder."""
     folder = check_folder(path, "VAE")
     config = VAEConfig.from_json(folder / "config.json")
-    expected = {k: tuple(v.shape) for k, v in keymap.flatten(AutoencoderKL(config).abstract_params()).items()}
+    expected = param_shapes(AutoencoderKL(config))
     flat = read_params(
         folder, expected, DIFFUSERS_WEIGHTS, dtype, variant, key_map=vae_key_map, progress=progress
     )
@@ -55,13 +55,15 @@ def load_vae(
     variant: Optional[str] = None,
     param_dtype=None,
     attention_impl: Optional[str] = "auto",
+    sharding=None,
 ):
     """Load an AutoencoderKL from a diffusers VAE folder (`config.json` +
     `diffusion_pytorch_model[.fp16|.bf16].safetensors` or shards with an index) or from a folder written
     by `convert_vae`.
 
     Returns `(vae, params)`: an `AutoencoderKL` computing in `dtype` and its parameters, cast to
-    `param_dtype` (default: `dtype`), as a nested dict of jax arrays. The default is float32 because
+    `param_dtype` (default: `dtype`), as a nested dict of jax arrays placed with `sharding` (default: the
+    default device). The default is float32 because
     SDXL's VAE (`force_upcast: true`) overflows in float16 and diffusers decodes it in float32;
     bfloat16 (float32's range) is the faster option. `vae.scaling_factor` is the latent scale.
     """
@@ -73,4 +75,4 @@ def load_vae(
         param_dtype=resolve_dtype(param_dtype),
         attention_impl=attention_impl,
     )
-    return vae, keymap.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+    return vae, keymap.unflatten(to_devices(flat, sharding))
