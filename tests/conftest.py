@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when jax is first imported (helpers imports it)
+# pipelines made without compilation_cache= write nothing to the user's cache (tests of the cache pass a folder)
+os.environ["DISTRIFUSION_JAX_CACHE"] = "off"
 
 from helpers import FAST_COMPILE_FLAGS, SD1_TINY, SD2_TINY, SDXL_TINY, torch_unet  # noqa: E402
 

@@ -71,14 +71,24 @@ def test_compile_clock_counts_this_process():
     import jax
     import jax.numpy as jnp
 
+    unique = float(np.random.default_rng().random())  # a constant no cache has seen: XLA must compile
     clock = CompileClock()
-    jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.5)(np.arange(7.0)).block_until_ready()
+    jax.jit(lambda x: jnp.sin(x) * unique + 0.5)(np.arange(7.0)).block_until_ready()
     split = clock.split()
     assert clock.compiled >= 1 and clock.loaded == 0 and clock.seconds > 0
     assert set(split) == {"trace", "lower", "compile"} and clock.seconds <= sum(split.values()) + 1e-9
 
 
-def test_cached_json_without_a_cache_computes_each_time():
+def test_cached_json(tmp_path, monkeypatch):
+    """Computed once per key where there is a cache folder, every time where there is none."""
+    from distrifusion_jax import cache
+
     calls = []
-    value = cached_json("x", "y", lambda: calls.append(1) or {"a": [1, 2]})
-    assert value == {"a": [1, 2]} and calls == [1]  # the test session has no persistent cache folder
+    compute = lambda: calls.append(1) or {"a": [1, 2]}
+    monkeypatch.setattr(cache, "program_folder", lambda: None)
+    assert cached_json("x", "y", compute) == cached_json("x", "y", compute) == {"a": [1, 2]}
+    assert len(calls) == 2
+    monkeypatch.setattr(cache, "program_folder", lambda: tmp_path)
+    assert cached_json("x", "y", compute) == cached_json("x", "y", compute) == {"a": [1, 2]}
+    assert len(calls) == 3 and len(list(tmp_path.glob("x-*.json"))) == 1
+    assert cached_json("x", "z", compute) == {"a": [1, 2]} and len(calls) == 4  # another key
