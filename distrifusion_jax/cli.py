@@ -11,8 +11,17 @@ from .flags import OneLineErrorParser, run_command
 
 def _convert(args) -> None:
     from .convert import convert
+    from .weights.lora import parse_lora_arg
 
-    convert(args.src, args.dst, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
+    convert(
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        variant=args.variant,
+        overwrite=args.overwrite,
+        config=args.config,
+        loras=[parse_lora_arg(v) for v in args.lora],
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,13 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_benchmark(sub)
     p = sub.add_parser(
-        "convert", help="convert a diffusers SDXL pipeline or UNet folder (safetensors) to our Flax format"
+        "convert",
+        help="convert a diffusers SDXL pipeline or UNet folder, or a single-file SDXL / SD checkpoint "
+        "(safetensors), to our Flax format",
     )
     p.add_argument(
         "src",
         help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "
         "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or UNet folder "
-        "(config.json + diffusion_pytorch_model[.fp16].safetensors)",
+        "(config.json + diffusion_pytorch_model[.fp16].safetensors), or a single-file checkpoint in the "
+        "original layout (model.safetensors: SDXL -> a pipeline folder, SD 1.x / 2.x -> its UNet folder; "
+        "pickles (.ckpt, .pt, .bin) are refused)",
     )
     p.add_argument(
         "dst",
@@ -50,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=["fp16", "bf16"],
         help="read this weight variant of SRC (default: full precision, else fp16, else bf16)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="SDXL pipelines: fuse a LoRA (kohya or diffusers/peft safetensors) into the converted UNet and text "
+        "encoders, scale default 1.0; repeat to stack several",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="single files only: the bundled config the checkpoint was trained with (sdxl-base-1.0, sd-1.5, "
+        "sd-2.1, ...; default: detected from its keys)",
     )
     p.add_argument(
         "--overwrite",

@@ -1,4 +1,5 @@
-"""Conversion of diffusers checkpoints into our format: Flax-path-keyed safetensors plus config.json."""
+"""Conversion of diffusers checkpoints and single-file SD / SDXL checkpoints into our format: Flax-path-keyed
+safetensors plus config.json."""
 
 from __future__ import annotations
 
@@ -12,20 +13,32 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import keymap
 from .config import read_json
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, show
 from .models.clip import CLIPTextConfig
 from .models.unet import to_diffusers_dict
 from .tokenizer import load_tokenizer
-from .weights import CONVERTED_WEIGHTS, check_folder, read_unet_params, resolve_dtype
+from .weights import check_folder, read_unet_params, resolve_dtype
 from .weights.clip import read_text_encoder_params
+from .weights.files import CONVERTED_WEIGHTS
+from .weights.lora import LORA_COMPONENTS, abstract_trees, fuse_lora, plan_lora, read_lora
+from .weights.single_file import (
+    FORMAT_VERSION,
+    NOTE_KEY,
+    is_single_file,
+    plan_single_file,
+    stored_dtypes,
+    summary,
+    write_converted,
+    write_single_file,
+)
 from .weights.vae import read_vae_params
 
-FORMAT_VERSION = 1
-NOTE_KEY = "_distrifusion_jax"  # added to every config we write; diffusers ignores "_"-prefixed keys
 # Source config fields our model configs drop (they describe the checkpoint, not the computation)
 # but that pipelines read, e.g. the UNet's sample_size gives the default image size.
 CARRIED_FIELDS = ("sample_size",)
@@ -41,38 +54,6 @@ def tensor_progress(desc: str, enabled: bool = True, leave: bool = True):
     if not enabled:
         return None
     return lambda it, total: tqdm(it, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=leave)
-
-
-def summary(flat: dict, src, dst, dtype_names: str, start: float, what: str = "") -> str:
-    """The closing line of a conversion: tensors, parameters, dtype(s), where from and to, time taken."""
-    n = sum(v.size for v in flat.values())
-    return (
-        f"converted {what}{len(flat)} tensors ({n:,} parameters, {dtype_names}) from {src} to {dst} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
-
-
-def write_converted(
-    dst, flat: dict, config_dict: dict, src, dtype, start: Optional[float] = None, progress: bool = True
-) -> Path:
-    """Write one converted model folder: `flat` ({Flax path: numpy array}, already in `dtype`) as
-    `dst/flax_params.safetensors` and `config_dict` plus a `_distrifusion_jax` note (format version,
-    dtype, source) as `dst/config.json`.
-
-    With `progress`, prints the summary line (timed from `start`, a `time.perf_counter()` value) to stderr.
-    """
-    dt = resolve_dtype(dtype)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(dst / CONVERTED_WEIGHTS), metadata={"format": "distrifusion-jax", "dtype": dt.name})
-    meta = dict(config_dict)
-    meta[NOTE_KEY] = {"format_version": FORMAT_VERSION, "dtype": dt.name, "source": str(src)}
-    (dst / "config.json").write_text(json.dumps(meta, indent=2))
-    if progress:
-        print(
-            summary(flat, src, dst, dt.name, time.perf_counter() if start is None else start), file=sys.stderr
-        )
-    return dst
 
 
 def _carried(src) -> dict:
@@ -263,7 +244,13 @@ def _copy_files(src: Path, dst: Path) -> None:
 
 
 def convert_pipeline(
-    src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True, overwrite: bool = False
+    src,
+    dst,
+    dtype="float32",
+    variant: Optional[str] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    loras=(),
 ) -> Path:
     """Convert a diffusers SDXL pipeline folder `src` into `dst`, keeping its layout.
 
@@ -290,6 +277,9 @@ def convert_pipeline(
             "vae_dtype": dtypes["vae"],
             "source": str(src),
         }
+        fused = fuse_converted(tmp, loras)
+        if fused:
+            note["loras"] = fused
         (tmp / "model_index.json").write_text(json.dumps(dict(index, **{NOTE_KEY: note}), indent=2))
     if progress:
         names = dt.name if dtypes["vae"] == dt.name else f"{dt.name}, vae {dtypes['vae']}"
@@ -320,10 +310,107 @@ def _write_pipeline(src: Path, out: Path, dtypes: dict, variant, progress: bool)
     return totals
 
 
-def convert(
-    src, dst, dtype="float32", variant: Optional[str] = None, progress: bool = True, overwrite: bool = False
+def convert_single_file(
+    src,
+    dst,
+    config: Optional[str] = None,
+    dtype="float32",
+    progress: bool = True,
+    overwrite: bool = False,
+    loras=(),
 ) -> Path:
-    """`convert_pipeline` for a pipeline folder (with model_index.json), else `convert_unet`."""
+    """Convert a single-file SD / SDXL checkpoint in the original layout (`sd_xl_base_1.0.safetensors`
+    and its fine-tunes; never a pickle) into `dst`.
+
+    An SDXL file becomes a pipeline folder as `convert_pipeline` writes one (tokenizers, scheduler and
+    model_index.json from the bundled sdxl-base-1.0 files), which `DistriSDXLPipeline.from_pretrained`
+    loads; an SD 1.x / 2.x file becomes its UNet's folder (`load_unet`). `config` names the bundled
+    config the file was trained with (default: detected from its keys: sdxl-base-1.0, sd-1.5 or sd-2.1).
+    Keys, shapes, the config and `dst` are checked before any tensor is read; `dst` is written whole or
+    not at all (see `staged`).
+    """
+    dt = resolve_dtype(dtype)
+    sf = plan_single_file(src, config)
+    dst = _path(dst)
+    check_destination(sf.path, dst, overwrite)
+    dtypes = stored_dtypes(sf, dt)
+    start = time.perf_counter()
+    with staged(dst) as tmp:
+        totals = write_single_file(sf, tmp, dtypes, lambda desc: tensor_progress(desc, progress, leave=False))
+        fused = fuse_converted(tmp, loras)
+        if fused:
+            index = json.loads((tmp / "model_index.json").read_text())
+            index.setdefault(NOTE_KEY, {})["loras"] = fused
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    if progress:
+        names = dt.name if set(dtypes.values()) == {dt.name} else f"{dt.name}, vae {dtypes['vae']}"
+        what = f"{'SDXL pipeline' if sf.is_sdxl else 'UNet'} ({sf.config_name}): "
+        print(summary(totals, sf.path, dst, names, start, what=what), file=sys.stderr)
+    return dst
+
+
+def convert(
+    src,
+    dst,
+    dtype="float32",
+    variant: Optional[str] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    config: Optional[str] = None,
+    loras=(),
+) -> Path:
+    """`convert_single_file` for a checkpoint file, `convert_pipeline` for a pipeline folder (with
+    model_index.json), else `convert_unet`. `config` applies to single files, `variant` to folders.
+    `loras`: [(LoRA safetensors path, scale)] fused into the converted SDXL pipeline's UNet and text
+    encoders (`fuse_converted`), each checked against the models' layers before anything is converted."""
+    loras = [(str(p), float(scale)) for p, scale in loras]
+    if is_single_file(src):
+        if variant:
+            raise ConfigError(
+                f"{show('variant', variant)} applies to diffusers folders, not to the file {src}"
+            )
+        if loras:
+            sf = plan_single_file(src, config)
+            if not sf.is_sdxl:
+                raise ConfigError(f"--lora applies to SDXL pipelines; {src} converts to a UNet folder only")
+            check_loras(loras, Path(__file__).parent / "configs" / sf.config_name)  # its bundled configs
+        return convert_single_file(src, dst, config, dtype, progress, overwrite, loras)
+    if config:
+        raise ConfigError(
+            f"{show('config', config)} applies to single-file checkpoints; a folder {src} has its own config.json"
+        )
     if is_pipeline_folder(src):
-        return convert_pipeline(src, dst, dtype, variant, progress, overwrite)
+        check_loras(loras, src)
+        return convert_pipeline(src, dst, dtype, variant, progress, overwrite, loras)
+    if loras:
+        raise ConfigError(
+            f"--lora applies to SDXL pipelines (UNet and text encoders); {src} is a UNet folder"
+        )
     return convert_unet(src, dst, dtype, variant, progress, overwrite)
+
+
+# ---- LoRA adapters fused into a converted pipeline ----
+def check_loras(loras, root) -> None:
+    """Each LoRA read and matched by shape against the models of the pipeline folder (or bundled config
+    folder) `root`: a LoRA for another model is one line before any conversion."""
+    if loras:
+        trees = abstract_trees(root)
+        for path, _ in loras:
+            plan_lora(trees, read_lora(path))
+
+
+def fuse_converted(folder: Path, loras) -> list:
+    """Fuse [(LoRA path, scale)] into a converted pipeline folder's UNet and text encoders (float32
+    arithmetic, each model rewritten in its own dtype); returns [{"path", "scale"}] for the folder's note."""
+    if not loras:
+        return []
+    files = {name: Path(folder) / name / CONVERTED_WEIGHTS for name in LORA_COMPONENTS}
+    params = {name: keymap.unflatten(load_file(str(f))) for name, f in files.items()}
+    undo = None
+    for path, scale in loras:
+        params, undo = fuse_lora(params, read_lora(path), scale, undo)
+    for name in undo or {}:
+        with safe_open(str(files[name]), "numpy") as f:
+            metadata = f.metadata()
+        save_file(keymap.flatten(params[name]), str(files[name]), metadata=metadata)
+    return [{"path": path, "scale": scale} for path, scale in loras]

@@ -48,6 +48,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
     p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="fuse a LoRA (kohya or diffusers/peft safetensors) into the weights, scale default 1.0; repeat to "
+        "stack several",
+    )
+    p.add_argument(
         "--compile-cache",
         default=None,
         metavar="DIR|off",
@@ -162,6 +170,7 @@ def run(args) -> None:
     config = distri_config(args)
     cfg, patches = check_run(args, config, devices)
     check_model_fit(args, config, files, devices)
+    loras = check_loras(args.lora, files.root)
     if main:
         announce(args, devices, processes, cfg, patches)
     import jax.numpy as jnp
@@ -177,6 +186,8 @@ def run(args) -> None:
         vae_attention_impl=args.vae_attention,
         decode_tile_rows=args.decode_tile_rows,
     )
+    for adapter, scale in loras:
+        pipe.load_lora(adapter, scale)
     out = generate(pipe, args, main)
     if main:
         save_image(out.images[0], args.output, fmt, args.overwrite)
@@ -248,6 +259,22 @@ def generate(pipe, args, main: bool):
 
 
 # ---- checks before anything slow ----
+def check_loras(values: list, root) -> list:
+    """[(LoRA path, scale)] of the --lora flags, each read and matched against the model's layers by shape
+    (no weight loaded): a LoRA for another model, a wrong rank or a pickle is one line before the load."""
+    from .arguments import float_arg
+    from .weights.lora import abstract_trees, parse_lora_arg, plan_lora, read_lora
+
+    specs = [parse_lora_arg(v) for v in values]
+    if not specs:
+        return []
+    trees = abstract_trees(root)
+    for path, scale in specs:
+        float_arg(f"--lora {path}: scale", scale)
+        plan_lora(trees, read_lora(path))
+    return specs
+
+
 def check_numbers(args) -> None:
     """Counts and scales the parser cannot bound."""
     if args.steps < 1:

@@ -35,7 +35,7 @@ from .parallel import make_mesh
 from .preflight import check_pretrained, check_schedule
 from .prompts import PromptEncoder, short_repr
 from .schedulers import make_scheduler, scheduler_from_config
-from .weights import load_text_encoder, load_unet
+from .weights import fuse_lora, load_text_encoder, load_unet, read_lora, unfuse_lora
 from .weights.vae import load_vae
 
 
@@ -80,6 +80,7 @@ class DistriSDXLPipeline:
         self.distri_config = distri_config
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self._denoisers: dict = {}
+        self._lora_undo = None  # the weights a fused LoRA changed, as they were (unload_lora restores them)
         devices = distri_config.resolve_devices()
         self.decoder = Decoder(vae, devices if parallel_decode else devices[:1], tile_rows=decode_tile_rows)
         if spans_processes(
@@ -179,6 +180,33 @@ class DistriSDXLPipeline:
             parallel_decode,
             decode_tile_rows,
         )
+
+    # ---- LoRA ----
+    def _lora_params(self) -> dict:
+        texts = self.prompt_encoder.params
+        return {"unet": self.unet_params, "text_encoder": texts[0], "text_encoder_2": texts[1]}
+
+    def _set_lora_params(self, params: dict) -> None:
+        self.unet_params = params["unet"]
+        self.prompt_encoder.params = [params["text_encoder"], params["text_encoder_2"]]
+
+    def load_lora(self, path, scale: float = 1.0) -> "DistriSDXLPipeline":
+        """Fuse a LoRA (kohya or diffusers/peft safetensors; UNet and both text encoders, linear and conv
+        layers) into the weights: W + scale * alpha / rank * up @ down, in float32, cast back to the weights'
+        dtype and placement. No per-step cost and no recompilation (the weights are the programs'
+        arguments). Several adapters stack; `unload_lora()` restores the weights before all of them, bit for
+        bit. A LoRA that fits no layer of this model, or with a wrong rank, is one CheckpointError line."""
+        scale = float_arg("scale", scale)
+        params, self._lora_undo = fuse_lora(self._lora_params(), read_lora(path), scale, self._lora_undo)
+        self._set_lora_params(params)
+        return self
+
+    def unload_lora(self) -> "DistriSDXLPipeline":
+        """Every fused LoRA taken out: the weights as loaded, bit for bit (a no-op without one)."""
+        if self._lora_undo is not None:
+            self._set_lora_params(unfuse_lora(self._lora_params(), self._lora_undo))
+            self._lora_undo = None
+        return self
 
     def scheduler_for(self, name: Optional[str] = None):
         name = name or self.default_scheduler

@@ -19,6 +19,7 @@ from .errors import CheckpointError, ConfigError, show
 from .models.unet import UNetConfig
 from .schedulers import make_scheduler, scheduler_from_config
 from .tokenizer import load_tokenizer
+from .weights.single_file import cached_pipeline, is_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 STEP_SEARCH = 64  # how far below a refused step count to look for one the scheduler supports
@@ -27,12 +28,16 @@ BUNDLED = {"demo": Path(__file__).parent / "demo"}
 
 
 # ---- the model folder ----
-def resolve_model_path(path_or_hub_id) -> Path:
-    """A local pipeline folder, a bundled model's name ("demo", where no folder of that name is in the working
-    directory), or a hub id looked up in huggingface_hub's local cache (then the network)."""
+def resolve_model_path(path_or_hub_id, cache=None) -> Path:
+    """A local pipeline folder, a single-file SDXL checkpoint (`.safetensors` in the original layout: converted
+    once into a folder under the cache folder `cache`, see `single_file.cached_pipeline`, whose header checks
+    run first), a bundled model's name ("demo", where no folder of that name is in the working directory), or
+    a hub id looked up in huggingface_hub's local cache (then the network)."""
     path = Path(os.fspath(path_or_hub_id)).expanduser()
     if path.is_dir():
         return path
+    if is_single_file(path):
+        return cached_pipeline(path, cache=cache)
     name = str(path_or_hub_id)
     if name in BUNDLED:
         if not (BUNDLED[name] / "model_index.json").is_file():
@@ -261,7 +266,7 @@ def check_pretrained(
     distri_config = check_distri_config(distri_config)
     check_tiles(decode_tile_rows, name="decode_tile_rows")
     check_cache_dir(compilation_cache)
-    files = read_model(resolve_model_path(path_or_hub_id))
+    files = read_model(resolve_model_path(path_or_hub_id, compilation_cache))
     jax_devices()  # a platform JAX cannot start fails here in one line
     devices = distri_config.resolve_devices()
     check_layout(distri_config, files.unet, len(devices))

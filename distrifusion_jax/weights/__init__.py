@@ -12,6 +12,7 @@ from .files import (
     read_shapes,
     resolve_dtype,
 )
+from .lora import fuse_lora, read_lora, unfuse_lora
 from .unet import load_unet, read_unet_params, save_unet_diffusers
 from .vae import load_vae
 
@@ -30,4 +31,7 @@ __all__ = [
     "save_unet_diffusers",
     "load_text_encoder",
     "load_vae",
+    "read_lora",
+    "fuse_lora",
+    "unfuse_lora",
 ]
