@@ -6,7 +6,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when jax is first imported
 # pipelines made without compilation_cache= write nothing to the user's cache (tests of the cache pass a folder)
 os.environ["DISTRIFUSION_JAX_CACHE"] = "off"
 
-from helpers import FAST_COMPILE_FLAGS, SD1_TINY, SD2_TINY, SDXL_TINY, torch_unet  # noqa: E402
+from helpers import FAST_COMPILE_FLAGS, REFINER_TINY, SD1_TINY, SD2_TINY, SDXL_TINY, torch_unet  # noqa: E402
 
 # before JAX starts (importing helpers started none)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-TINY_CONFIGS = {"sdxl": SDXL_TINY, "sd1": SD1_TINY, "sd2": SD2_TINY}
+TINY_CONFIGS = {"sdxl": SDXL_TINY, "sd1": SD1_TINY, "sd2": SD2_TINY, "refiner": REFINER_TINY}
 
 
 @pytest.fixture(scope="session")

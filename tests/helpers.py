@@ -20,6 +20,7 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 SDXL_TINY = preset_dict("parity-sdxl")
 SD1_TINY = preset_dict("parity-sd1")
 SD2_TINY = preset_dict("parity-sd2")
+REFINER_TINY = preset_dict("parity-refiner")  # 5 time ids: size, crop, aesthetic score
 SDXL_MICRO = preset_dict("micro-sdxl")  # the smallest SDXL-shaped UNet: for the many patch-parallel compiles
 # parity-sdxl's text_time conditioning: 3 time ids (SDXL has 6), each embedded addition_time_embed_dim wide,
 # beside text_embeds of the rest of projection_class_embeddings_input_dim (40 - 3 x 8 = 16)

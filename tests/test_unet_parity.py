@@ -10,7 +10,7 @@ import distrifusion_jax as dj
 from helpers import SDXL_TINY_TEXT_EMBED_DIM, SDXL_TINY_TIME_IDS, rel_l2
 
 # name -> latent (H, W): non-square, divisible by 2^(levels - 1)
-SHAPES = {"sdxl": (16, 24), "sd1": (16, 8), "sd2": (8, 24)}
+SHAPES = {"sdxl": (16, 24), "sd1": (16, 8), "sd2": (8, 24), "refiner": (16, 24)}
 TOL = 1e-5  # float32 relative L2; reached: about 3e-7 to 5e-7 on these configs
 
 
@@ -22,9 +22,12 @@ def make_inputs(name, config, seed=0):
     ehs = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
     added = None
     if config.get("addition_embed_type") == "text_time":
+        ids = 5 if name == "refiner" else SDXL_TINY_TIME_IDS  # the refiner's: size, crop, aesthetic score
+        text = config["projection_class_embeddings_input_dim"] - ids * config["addition_time_embed_dim"]
+        assert name == "refiner" or text == SDXL_TINY_TEXT_EMBED_DIM
         added = {
-            "text_embeds": rng.standard_normal((2, SDXL_TINY_TEXT_EMBED_DIM)).astype(np.float32),
-            "time_ids": rng.uniform(0, 1024, (2, SDXL_TINY_TIME_IDS)).astype(np.float32),
+            "text_embeds": rng.standard_normal((2, text)).astype(np.float32),
+            "time_ids": rng.uniform(0, 1024, (2, ids)).astype(np.float32),
         }
     return x, t, ehs, added
 
@@ -40,7 +43,7 @@ def torch_forward(model, x, t, ehs, added):
     return out.sample.numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd1", "sd2"])
+@pytest.mark.parametrize("name", ["sdxl", "sd1", "sd2", "refiner"])
 def test_parity_float32(name, tiny_unet_dir):
     folder, model = tiny_unet_dir(name)
     x, t, ehs, added = make_inputs(name, model.config)

@@ -27,6 +27,8 @@ PRESETS = {
     "parity-sd1": "SD 1.x-like UNet for parity tests: four levels, conv projections, an int head count",
     "parity-sd2": "SD 2.x-like UNet for parity tests: linear projections, upcast attention, per-level heads "
     "and layers, centred input, shifted frequencies",
+    "parity-refiner": "SDXL-refiner-like UNet for parity tests: four levels (plain, two cross-attention, plain), "
+    "text_time with 5 time ids (the aesthetic score), cross-attention on text_encoder_2 alone",
 }
 
 
