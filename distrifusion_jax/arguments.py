@@ -7,6 +7,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from PIL import Image
 
 from .config import DistriConfig
 from .errors import ConfigError, NonFiniteError
@@ -97,32 +98,33 @@ def pair_arg(name: str, value, default, what: str) -> list:
     return pair
 
 
-def check_latents(latents, shape: tuple, dc: DistriConfig) -> Optional[np.ndarray]:
-    """Given latents as float32 numpy in diffusers' layout `shape` (B, 4, h, w), finite; None stays None."""
+def check_latents(latents, shape: tuple, dc: DistriConfig, name: str = "latents") -> Optional[np.ndarray]:
+    """Given latents (or another noise argument, `name`) as float32 numpy in diffusers' layout `shape`
+    (B, 4, h, w), finite; None stays None."""
     if latents is None:
         return None
     try:
         arr = np.asarray(latents, np.float32)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"latents of type {type(latents).__name__} are not supported: pass a float array of shape {shape}"
+            f"{name} of type {type(latents).__name__} are not supported: pass a float array of shape {shape}"
         ) from None
     if arr.shape != shape:
         nhwc = (shape[0], shape[2], shape[3], shape[1])
         hint = (
-            " (these look NHWC: pass diffusers' layout (B, 4, H/8, W/8), e.g. latents.transpose(0, 3, 1, 2))"
+            f" (these look NHWC: pass diffusers' layout (B, 4, H/8, W/8), e.g. {name}.transpose(0, 3, 1, 2))"
             if arr.shape == nhwc
             else ""
         )
         raise ConfigError(
-            f"latents have shape {arr.shape}; expected {shape} for {shape[0]} image(s) of "
+            f"{name} have shape {arr.shape}; expected {shape} for {shape[0]} image(s) of "
             f"{dc.height}x{dc.width}{hint}"
         )
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
         raise NonFiniteError(
-            f"latents hold {bad} NaN/inf value(s) of {arr.size}: pass finite noise (unit "
-            "Gaussian, as diffusers' latents) or latents=None to draw it from seed"
+            f"{name} hold {bad} NaN/inf value(s) of {arr.size}: pass finite noise (unit "
+            f"Gaussian, as diffusers' latents) or {name}=None to draw it from seed"
         )
     return arr
 
@@ -137,3 +139,66 @@ def prng_key(seed: int):
         return jax.random.key(seed)
     halves = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
     return jax.random.wrap_key_data(halves, impl="threefry2x32")
+
+
+def check_strength(strength, num_inference_steps: int) -> int:
+    """img2img: the first step to run of `num_inference_steps` (diffusers' `get_timesteps`: the last
+    min(int(steps * strength), steps) steps run), for a strength in (0, 1] that runs at least one step."""
+    value = float_arg("strength", strength)
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(
+            f"strength={short_repr(strength)} is not supported: pass a number in (0, 1] (the fraction of the "
+            "steps run on the noised image; 1 ignores the image's content)"
+        )
+    run = min(int(num_inference_steps * value), num_inference_steps)
+    if run == 0:
+        raise ConfigError(
+            f"strength={value:g} with num_inference_steps={num_inference_steps} runs no step "
+            f"(int({num_inference_steps} * {value:g}) = 0): raise strength or num_inference_steps"
+        )
+    return num_inference_steps - run
+
+
+def check_image(image, n_images: int, dc: DistriConfig) -> np.ndarray:
+    """img2img's input as float32 [b, H, W, 3] in [-1, 1] (diffusers' preprocessing), from a PIL image, a list
+    of them, or an array [H, W, 3] / [b, H, W, 3] of uint8 or floats in [0, 1]; b divides the number of
+    images (each repeated n_images / b times, as diffusers does). Never resized: H x W must be the
+    DistriConfig's size."""
+    want = f"{dc.width}x{dc.height} (width x height) RGB"
+    items = image if isinstance(image, (list, tuple)) and image else [image]
+    if all(isinstance(im, Image.Image) for im in items):
+        arr = np.stack([np.asarray(im.convert("RGB")) for im in items])
+    else:
+        try:
+            arr = np.asarray(image)
+        except (TypeError, ValueError):
+            arr = np.asarray(None)
+        if arr.dtype.kind not in "uif" or arr.ndim not in (3, 4) or arr.shape[-1] != 3:
+            raise ConfigError(
+                f"image={short_repr(image)} is not supported: pass a PIL image (or a list of them) or an "
+                f"array [H, W, 3] / [B, H, W, 3] of uint8 or floats in [0, 1], {want}"
+            )
+        arr = arr if arr.ndim == 4 else arr[None]
+    b, h, w = arr.shape[:3]
+    if (h, w) != (dc.height, dc.width):
+        raise ConfigError(
+            f"image is {w}x{h} (width x height) but the DistriConfig is for {dc.width}x{dc.height}: resize "
+            "the image, or make a DistriConfig of its size"
+        )
+    if n_images % b:
+        raise ConfigError(
+            f"{b} images for {n_images} generated image(s): pass one image, or one per generated image "
+            "(or a number of images that divides it)"
+        )
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / np.float32(255)
+    elif arr.dtype.kind in "ui":
+        raise ConfigError(f"image of dtype {arr.dtype} is not supported: pass uint8, or floats in [0, 1]")
+    else:
+        arr = arr.astype(np.float32)
+        if not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            raise ConfigError(
+                f"image values span [{np.nanmin(arr):g}, {np.nanmax(arr):g}]: float images must be finite "
+                "and in [0, 1] (or pass uint8)"
+            )
+    return 2.0 * arr - 1.0

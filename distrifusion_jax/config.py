@@ -180,21 +180,28 @@ class DistriConfig:
         return 1, n_devices
 
     def check_model(self, unet_config, n_devices: int) -> None:
-        """Latent sizes must split into equal bands down to the lowest level of `unet_config` (a UNetConfig)."""
+        """Latent sizes must go down to the lowest level of `unet_config` (a UNetConfig), and split into equal
+        bands there when the layout splits the image."""
         _, patches = self.layout(n_devices)
-        if patches == 1 or self.parallelism == "tensor":  # tensor parallelism does not split the image
-            return
+        if self.parallelism == "tensor":  # tensor parallelism does not split the image
+            patches = 1
         f = 2**unet_config.num_downsamplers
-        checks = [("height", self.latent_height)]
-        if self.parallelism == "naive_patch" and self.split_scheme != "row":
-            checks.append(("width", self.latent_width))
-        for name, size in checks:
-            if size % (patches * f):
-                unit = 8 * patches * f
+        cols = self.parallelism == "naive_patch" and self.split_scheme != "row"
+        for name, size, parts in (
+            ("height", self.latent_height, patches),
+            ("width", self.latent_width, patches if cols else 1),
+        ):
+            if size % (parts * f):
+                unit = 8 * parts * f
                 lo, hi = (8 * size) // unit * unit, ((8 * size) // unit + 1) * unit
                 examples = f"{lo} or {hi}" if lo else f"{hi}"
+                if parts == 1:
+                    raise ConfigError(
+                        f"{name}={8 * size}: the latent {name} {size} must be divisible by "
+                        f"2^{unet_config.num_downsamplers} for this UNet; use a multiple of {unit} (e.g. {examples})"
+                    )
                 raise ConfigError(
-                    f"{name}={8 * size} does not split into {patches} patches: the latent {name} {size} must be "
-                    f"divisible by {patches} x 2^{unet_config.num_downsamplers}; use a multiple of {unit} "
+                    f"{name}={8 * size} does not split into {parts} patches: the latent {name} {size} must be "
+                    f"divisible by {parts} x 2^{unet_config.num_downsamplers}; use a multiple of {unit} "
                     f"(e.g. {examples}) or fewer devices"
                 )

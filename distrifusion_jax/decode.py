@@ -1,5 +1,5 @@
-"""VAE decode, row-sharded over the devices with exact (synchronous) halo, GroupNorm and K/V exchange,
-or on one device, whole or in overlapping row tiles."""
+"""VAE decode and encode, row-sharded over the devices with exact (synchronous) halo, GroupNorm and K/V
+exchange, or on one device (the decode whole or in overlapping row tiles)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,96 @@ def tiled(decode, z, tile: int, overlap: int, scale: int):
     return out.astype(images.dtype)
 
 
-class Decoder:
+class RowShardedVAE:
+    """One VAE method as cached programs: row-sharded over the devices, or on one device.
+
+    With several devices and a latent height they divide, each device runs the method on its band of
+    rows under a synchronous `PatchPlan`: convs exchange their halo rows, GroupNorms gather their
+    statistics, the mid-block attention gathers K/V, each used at once, so the result equals one
+    device's. Otherwise it runs on the first device (each process's own in a multi-process run).
+    Subclasses name the programs (`name`), give the method (`method(vae, *inputs)`) and the one-device
+    function (`_single_fn(params, *inputs)`); every input is NHWC and split by rows.
+    """
+
+    name = ""
+
+    def __init__(self, vae, devices, n_inputs: int):
+        self.vae = vae
+        self.devices = tuple(devices or jax.devices())
+        self._single = jax.jit(self._single_fn)  # for abstract lowering (tools/memory.py)
+        self._banded, self._mesh = None, None
+        if len(self.devices) > 1:
+            banded = vae.clone(parallel=PatchPlan("sync", "full_sync"))
+
+            def run_band(p, *xs):
+                return banded.apply({"params": p}, *xs, method=type(self).method, mutable=[STALE])[0]
+
+            self._mesh = make_mesh(self.devices, 1)
+            self._banded_fn = jax.shard_map(
+                run_band,
+                mesh=self._mesh,
+                in_specs=(P(),) + (P(None, PATCH),) * n_inputs,
+                out_specs=P(None, PATCH),
+            )
+            self._banded = jax.jit(self._banded_fn)
+        self._compiled: dict = {}  # (program, argument shapes and placements) -> compiled program
+
+    @staticmethod
+    def method(vae, *xs):
+        raise NotImplementedError
+
+    def latent_rows(self, x) -> int:
+        """The latent height of the first input (its rows, or its pixel rows over the downsampling factor)."""
+        return x.shape[1]
+
+    def parallel_for(self, x) -> bool:
+        """Whether an input of this shape (the method's first) is processed row-sharded."""
+        return self._banded is not None and row_sharded(len(self.devices), self.latent_rows(x))
+
+    def _identity(self) -> tuple:
+        return (self.vae, len(self.devices))
+
+    def _run(self, params, *xs):
+        if self.parallel_for(xs[0]):
+            if jax.process_count() == 1:  # the denoiser's (cfg, patch) mesh may differ from ours
+                xs = jax.device_put(xs, NamedSharding(self._mesh, P(None, PATCH)))
+            return self._program(f"{self.name}-banded", params, *xs)(params, *xs)
+        if jax.process_count() > 1:  # several processes: each runs the whole image on a device of its own
+            device = local_device(self.devices)
+            params, xs = local_copy(params, device), jax.device_put(tuple(to_host(x) for x in xs), device)
+            return self._program(self.name, params, *xs)(params, *xs)
+        # one device: weights loaded replicated for the banded run are used from their copy there
+        params, xs = jax.device_put((params, xs), self.devices[0])
+        return self._program(self.name, params, *xs)(params, *xs)
+
+    def _program(self, name: str, params, *xs):
+        """The program compiled for these shapes and placements, or read from the persistent caches."""
+        key = (
+            name,
+            jax.tree_util.tree_structure(params),
+            tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in xs),
+        )
+        if key not in self._compiled:
+            identity = repr(self._identity())
+            if name == self.name:
+                program = compile_program(name, self._single_fn, (params, *xs), identity)
+            else:  # several processes: the inputs keep their placement and the program reshards
+                shardings = None
+                if jax.process_count() == 1:
+                    band = NamedSharding(self._mesh, P(None, PATCH))
+                    shardings = (NamedSharding(self._mesh, P()),) + (band,) * len(xs)
+                program = compile_program(
+                    name, self._banded_fn, (params, *xs), identity, self._mesh, shardings
+                )
+            self._compiled[key] = program
+        return self._compiled[key]
+
+
+def _as(x, dtype):
+    return jnp.asarray(x, dtype) if not isinstance(x, jax.Array) else x.astype(dtype)
+
+
+class Decoder(RowShardedVAE):
     """`decoder(params, z) -> image`: z [B, h, w, C] already divided by the scaling factor (NHWC).
 
     With several devices and a latent height they divide, each device decodes its band of rows
@@ -146,9 +235,9 @@ class Decoder:
     an approximation of the whole decode (see `tiled`).
     """
 
+    name = "vae-decode"
+
     def __init__(self, vae, devices=None, tile_rows=None, tile_overlap=None):
-        self.vae = vae
-        self.devices = tuple(devices or jax.devices())
         # a quarter of each tile shared with its neighbour by default (16 of 64 rows)
         tile_rows, tile_overlap = check_tiles(tile_rows, tile_overlap)
         self.tile_rows, self.tile_overlap = tile_rows, tile_overlap
@@ -161,50 +250,49 @@ class Decoder:
             return tiled(lambda t: decode(p, t), z, tile_rows, tile_overlap, scale)
 
         self._single_fn = decode_tiles if tile_rows else decode
-        self._single = jax.jit(self._single_fn)  # for abstract lowering (tools/memory.py)
-        self._banded, self._mesh = None, None
-        if len(self.devices) > 1:
-            banded = vae.clone(parallel=PatchPlan("sync", "full_sync"))
+        super().__init__(vae, devices, 1)
 
-            def decode_band(p, z):
-                return banded.apply({"params": p}, z, method=banded.decode, mutable=[STALE])[0]
+    @staticmethod
+    def method(vae, z):
+        return vae.decode(z)
 
-            self._mesh = make_mesh(self.devices, 1)
-            self._banded_fn = jax.shard_map(
-                decode_band, mesh=self._mesh, in_specs=(P(), P(None, PATCH)), out_specs=P(None, PATCH)
-            )
-            self._banded = jax.jit(self._banded_fn)
-        self._compiled: dict = {}  # (program, argument shapes and placements) -> compiled program
-
-    def parallel_for(self, z) -> bool:
-        """Whether a latent of this shape is decoded row-sharded."""
-        return self._banded is not None and row_sharded(len(self.devices), z.shape[1])
+    def _identity(self) -> tuple:
+        return (self.vae, self.tile_rows, self.tile_overlap, len(self.devices))
 
     def __call__(self, params, z):
-        z = jnp.asarray(z, self.vae.dtype) if not isinstance(z, jax.Array) else z.astype(self.vae.dtype)
-        if self.parallel_for(z):
-            if jax.process_count() == 1:  # the denoiser's (cfg, patch) mesh may differ from ours
-                z = jax.device_put(z, NamedSharding(self._mesh, P(None, PATCH)))
-            return self._program("vae-decode-banded", params, z)(params, z)
-        if jax.process_count() > 1:  # several processes: each decodes the whole image on a device of its own
-            device = local_device(self.devices)
-            params, z = local_copy(params, device), jax.device_put(to_host(z), device)
-            return self._program("vae-decode", params, z)(params, z)
-        # one device: weights loaded replicated for the banded decode are used from their copy there
-        params, z = jax.device_put((params, z), self.devices[0])
-        return self._program("vae-decode", params, z)(params, z)
+        return self._run(params, _as(z, self.vae.dtype))
 
-    def _program(self, name: str, params, z):
-        """The decode compiled for these shapes and placements, or read from the persistent caches."""
-        key = (name, jax.tree_util.tree_structure(params), z.shape, z.dtype, getattr(z, "sharding", None))
-        if key not in self._compiled:
-            identity = repr((self.vae, self.tile_rows, self.tile_overlap, len(self.devices)))
-            if name == "vae-decode":
-                program = compile_program(name, self._single_fn, (params, z), identity)
-            else:  # several processes: the latents keep the denoiser's placement and the program reshards
-                shardings = None
-                if jax.process_count() == 1:
-                    shardings = (NamedSharding(self._mesh, P()), NamedSharding(self._mesh, P(None, PATCH)))
-                program = compile_program(name, self._banded_fn, (params, z), identity, self._mesh, shardings)
-            self._compiled[key] = program
-        return self._compiled[key]
+
+def posterior_latents(vae, image, noise):
+    """SD latents of `image` [B, H, W, 3] in [-1, 1]: the VAE posterior sampled with unit noise [B, h, w, C],
+    mean + exp(logvar / 2) * noise, times the scaling factor (float32; diffusers' `latent_dist.sample` and
+    img2img's scaling). Zero noise gives the posterior's mean (diffusers' sample_mode="argmax")."""
+    mean, logvar = (a.astype(jnp.float32) for a in vae.encode(image))
+    return (mean + jnp.exp(0.5 * logvar) * noise.astype(jnp.float32)) * vae.config.scaling_factor
+
+
+class Encoder(RowShardedVAE):
+    """`encoder(params, image, noise) -> latents` [B, h, w, C] float32, scaled as the UNet takes them.
+
+    `image` [B, H, W, 3] NHWC in [-1, 1], `noise` [B, H/f, W/f, C] unit Gaussian (zeros: the posterior's
+    mean); see `posterior_latents`. Row-sharded exactly like the `Decoder` where the devices divide the
+    latent height (the encoder's stride-2 convs keep bands aligned: each band has f times as many pixel
+    rows as latent rows), else on one device.
+    """
+
+    name = "vae-encode"
+
+    def __init__(self, vae, devices=None):
+        def encode(p, image, noise):
+            return vae.apply({"params": p}, image, noise, method=posterior_latents)
+
+        self._single_fn = encode
+        super().__init__(vae, devices, 2)
+
+    method = staticmethod(posterior_latents)
+
+    def latent_rows(self, x) -> int:
+        return x.shape[1] // self.vae.config.downsample_factor
+
+    def __call__(self, params, image, noise):
+        return self._run(params, _as(image, self.vae.dtype), _as(noise, jnp.float32))

@@ -39,8 +39,10 @@ def guided(eps_uncond, eps_cond, scale, rescale: float = 0.0, axis=None):
 class Denoiser:
     """The pieces of one denoising run on a mesh, shared by the loop, the tests and the reports.
 
-    Built once per (model, DistriConfig, scheduler, steps, guidance); `__call__` is jitted, so a
-    second call with the same shapes reuses the compiled program.
+    Built once per (model, DistriConfig, scheduler, steps, guidance, first step); `__call__` is jitted, so
+    a second call with the same shapes reuses the compiled program. `first_step` > 0 starts the schedule
+    of `num_inference_steps` steps there (img2img: the latents given are noised to that step's level),
+    running steps first_step .. num_inference_steps - 1; the warmup counts from the first step run.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class Denoiser:
         guidance_scale: float = 5.0,
         guidance_rescale: float = 0.0,
         progress=None,
+        first_step: int = 0,
     ):
         self.unet, self.config, self.scheduler = unet, distri_config, scheduler
         self.guidance_scale = float(guidance_scale)  # default; each call may pass another (traced)
@@ -59,6 +62,14 @@ class Denoiser:
         self.cfg = distri_config.do_classifier_free_guidance
         self.timesteps = jnp.asarray(scheduler.timesteps(num_inference_steps))
         self.num_steps = int(self.timesteps.shape[0])
+        is_int = isinstance(first_step, (int, np.integer)) and not isinstance(first_step, bool)
+        if not (is_int and 0 <= first_step < self.num_steps):
+            raise DistriFusionError(
+                f"first_step={first_step!r} is not a step of the {self.num_steps}-step schedule: pass an int "
+                f"in [0, {self.num_steps})"
+            )
+        self.first_step = int(first_step)
+        self.num_run = self.num_steps - self.first_step  # steps this loop runs
         self.devices = distri_config.resolve_devices()
         self.cfg_size, self.patches = distri_config.layout(len(self.devices))
         distri_config.check_model(unet.config, len(self.devices))
@@ -68,8 +79,9 @@ class Denoiser:
             if (distri_config.parallelism == "tensor" and len(self.devices) > 1)
             else None
         )
-        # steps 0 .. warmup_steps are synchronous (the reference's `counter <= warmup_steps`)
-        self.num_sync = min(self.num_steps, distri_config.warmup_steps + 1)
+        # the first warmup_steps + 1 steps run are synchronous (the reference's `counter <= warmup_steps`,
+        # its counter starting at the first step it runs)
+        self.num_sync = min(self.num_run, distri_config.warmup_steps + 1)
         self.mesh = (
             make_mesh(self.devices, self.cfg_size) if len(self.devices) > 1 and self.tensor is None else None
         )
@@ -130,7 +142,17 @@ class Denoiser:
 
     def _identity(self) -> str:
         """Everything the traced programs depend on besides their arguments (the key of `compile_program`)."""
-        return repr((self.unet, self.config, self.scheduler, self.num_steps, self.guidance_rescale, self.cfg))
+        return repr(
+            (
+                self.unet,
+                self.config,
+                self.scheduler,
+                self.num_steps,
+                self.guidance_rescale,
+                self.cfg,
+                self.first_step,
+            )
+        )
 
     def __call__(self, params, latents, encoder_hidden_states, added_cond_kwargs=None, guidance_scale=None):
         """latents [B, h, w, C] (NHWC, as the scheduler expects them at the first step) -> final latents.
@@ -160,7 +182,8 @@ class Denoiser:
         return latents
 
     def nonfinite_step(self) -> Optional[int]:
-        """The first step (0-based) of the last call after which the latents held a NaN or an infinity, or None.
+        """The first step (0-based, in the whole schedule) of the last call after which the latents held a NaN
+        or an infinity, or None.
 
         Every step records whether its band's latents are all finite (one flag per step and band,
         no communication), so a run that diverged can say where.
@@ -172,10 +195,10 @@ class Denoiser:
         )  # per step, or the whole loop's
         ok = (
             np.concatenate([np.asarray(to_host(f)).ravel() for f in flags])
-            .reshape(self.num_steps, -1)
+            .reshape(self.num_run, -1)
             .all(axis=1)
         )
-        return None if ok.all() else int(np.argmin(ok))
+        return None if ok.all() else self.first_step + int(np.argmin(ok))
 
     def in_specs(self) -> tuple:
         """PartitionSpecs of (params, latents, encoder_hidden_states, added_cond_kwargs, scale) on the mesh."""
@@ -228,18 +251,19 @@ class Denoiser:
         """[(step function, first step, stop, stale_init)] of the run: on one device's band when there is a mesh
         (called inside shard_map), else the whole latents. A step function maps (params, stale, x, t, ehs,
         added, i, scale) to (eps, stale); stale_init makes the first stale state (None: there is none)."""
-        n = self.num_steps
+        first, n = self.first_step, self.num_steps
         if self.mesh is None:  # one device, or tensor parallelism (the same loop under GSPMD)
             unet = self.model(None) if self.tensor is None else self.tensor.wrap(self.model(None))
             fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
-            return [(fn, 0, n, None)]
+            return [(fn, first, n, None)]
         if self.config.parallelism == "naive_patch" or self.patches == 1:  # nothing to exchange
-            return [(self._naive_step, 0, n, None)]
+            return [(self._naive_step, first, n, None)]
         sync, displaced = self.model(self.plan("sync")), self.model(self.plan("displaced"))
         sync_fn = lambda p, s, x, t, e, a, i, g: self.eps(sync, p, s, x, t, e, a, g)
         disp_fn = lambda p, s, x, t, e, a, i, g: self.eps(displaced, p, s, x, t, e, a, g)
         stale_init = functools.partial(self.initial_stale, sync)
-        return [(sync_fn, 0, self.num_sync, stale_init), (disp_fn, self.num_sync, n, stale_init)]
+        warm = first + self.num_sync
+        return [(sync_fn, first, warm, stale_init), (disp_fn, warm, n, stale_init)]
 
     def _step(self, fn, params, carry, i, ehs, added, scale):
         """One denoising step: carry (latents, scheduler state, stale state) after step i."""
@@ -250,11 +274,11 @@ class Denoiser:
         return lat, sstate, stale
 
     def _first_carry(self, params, latents, ehs, added):
-        """(latents in float32, the scheduler's initial state, the initial stale state or None)."""
+        """(latents in float32, the scheduler's state at the first step run, the initial stale state or None)."""
         lat = latents.astype(jnp.float32)
         init = next((ph[3] for ph in self._phases() if ph[3] is not None), None)
         stale = init(params, lat, ehs, added) if init is not None else None
-        return lat, self.scheduler.init(self.num_steps, lat), stale
+        return lat, self.scheduler.init(self.num_steps, lat, start=self.first_step), stale
 
     def _loop(self, params, latents, ehs, added, scale):
         """All steps as lax.scan, one per phase. Returns the final latents and, per step, whether this device's
@@ -313,7 +337,7 @@ class Denoiser:
     def _start_program(self):
         def start(params, latents, ehs, added, scale):
             lat, sstate, stale = self._first_carry(params, latents, ehs, added)
-            return (lat, *self._pack(sstate, stale), jnp.int32(0))
+            return (lat, *self._pack(sstate, stale), jnp.int32(self.first_step))
 
         return self._on_mesh(start, self.in_specs(), self._carry_specs())
 
@@ -335,8 +359,8 @@ class Denoiser:
         """The loop as host calls of compiled one-step programs, reporting each step as it finishes.
 
         Every program is compiled (or loaded from the persistent cache) before the first step, then
-        progress(0, n) marks the start; step i + 1 is queued before waiting for step i, so the device is
-        never idle waiting for the host.
+        progress(0, n) marks the start (n: the steps this loop runs, `num_run`); step i + 1 is queued before
+        waiting for step i, so the device is never idle waiting for the host.
         """
         rest = (ehs, added, scale)
         carry = self._executable("start", params, latents, *rest)(params, latents, *rest)
@@ -344,24 +368,24 @@ class Denoiser:
         for k, (_, first, stop, _) in enumerate(self._phases()):
             if stop > first:
                 programs.append((self._executable(f"step{k}", params, *carry, *rest), first, stop))
-        self.progress(0, self.num_steps)
+        self.progress(0, self.num_run)
         finite = []
         for program, first, stop in programs:
-            for i in range(first, stop):
+            for _ in range(first, stop):
                 *carry, ok = program(params, *carry, *rest)
                 finite.append(ok)
-                if i > 0:
-                    self._finished(finite[i - 1], i)
-        self._finished(finite[-1], self.num_steps)
+                if len(finite) > 1:
+                    self._finished(finite[-2], len(finite) - 1)
+        self._finished(finite[-1], self.num_run)
         return carry[0], finite
 
     def _finished(self, flag, done: int) -> None:
         jax.block_until_ready(flag)
-        self.progress(done, self.num_steps)
+        self.progress(done, self.num_run)
 
     def initial_stale(self, sync_unet, params, lat, ehs, added):
         """Zeros shaped like the stale state, from abstract evaluation of a synchronous step."""
-        t = self.timesteps[0]
+        t = self.timesteps[self.first_step]
         shapes = jax.eval_shape(lambda: self.eps(sync_unet, params, None, lat, t, ehs, added)[1])
         return vary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), self.varying)
 

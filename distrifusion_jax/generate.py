@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import secrets
@@ -47,6 +48,34 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="image file to write (PNG, JPEG, ...: by its extension), in an existing folder",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+    p.add_argument(
+        "--image",
+        default=None,
+        help="img2img: start from this image (PNG, JPEG, ...), of exactly --width x --height, noised to --strength",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.3,
+        help="img2img: the share of the --steps schedule run on the noised image, in (0, 1] (default 0.3)",
+    )
+    p.add_argument(
+        "--hires-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="high-res fix: generate at --width x --height (default: the model's size), upscale (Lanczos) to "
+        "PX x PX and refine there by img2img on the devices",
+    )
+    p.add_argument(
+        "--hires-strength", type=float, default=0.3, help="high-res fix: the refine pass's strength"
+    )
+    p.add_argument(
+        "--hires-steps",
+        type=int,
+        default=None,
+        help="high-res fix: the refine pass's steps (default --steps)",
+    )
     p.add_argument(
         "--lora",
         action="append",
@@ -167,9 +196,15 @@ def run(args) -> None:
     fmt = check_output(args.output, args.overwrite) if main else None
     files = read_model(resolve_model_path(args.model))
     native_size(args, files)
+    base = hires_sizes(
+        args
+    )  # with --hires-size: the base pass's size; --height / --width become the final one
     config = distri_config(args)
     cfg, patches = check_run(args, config, devices)
     check_model_fit(args, config, files, devices)
+    if base is not None:
+        dataclasses.replace(config, height=base[0], width=base[1]).check_model(files.unet, len(devices))
+    image = read_image(args)
     loras = check_loras(args.lora, files.root)
     if main:
         announce(args, devices, processes, cfg, patches)
@@ -188,14 +223,14 @@ def run(args) -> None:
     )
     for adapter, scale in loras:
         pipe.load_lora(adapter, scale)
-    out = generate(pipe, args, main)
+    out = generate(pipe, args, main, image, base)
     if main:
         save_image(out.images[0], args.output, fmt, args.overwrite)
         t = out.timings
         print(
             f"wrote {args.output} ({args.width}x{args.height}); compile {t['compile_s']:.1f} s "
             f"({t['programs_compiled']} programs compiled, {t['programs_loaded']} from the cache), denoising "
-            f"{t['denoise_s']:.2f} s ({1e3 * t['denoise_s'] / args.steps:.1f} ms/step), decode "
+            f"{t['denoise_s']:.2f} s ({1e3 * t['denoise_s'] / steps_run(args, base, image):.1f} ms/step), decode "
             f"{t['decode_s']:.2f} s, text encoding {t['encode_s']:.2f} s",
             file=sys.stderr,
         )
@@ -218,8 +253,9 @@ def announce(args, devices, processes: int, cfg: int, patches: int) -> None:
     )
 
 
-def generate(pipe, args, main: bool):
-    """Run the pipeline with a progress bar (process 0 only) and return its output."""
+def generate(pipe, args, main: bool, image=None, base=None):
+    """Run the pipeline with a progress bar (process 0 only; one per pass of the high-res fix) and return its
+    output."""
     from tqdm.auto import tqdm
 
     if main:
@@ -229,26 +265,41 @@ def generate(pipe, args, main: bool):
         )
     bars = []
 
-    def progress(i, n):  # i = 0 once compiled, then each finished step: the bar times denoising steps only
-        if not main:  # a no-op rather than None: every process must compile the same program
-            return
-        if not bars:
-            bars.append(tqdm(total=n, desc="denoising", unit="step", file=sys.stderr))
-        bars[0].update(i - bars[0].n)
-        if i == n:
-            bars[0].close()
+    def bar(desc):
+        def progress(
+            i, n
+        ):  # i = 0 once compiled, then each finished step: the bar times denoising steps only
+            if not main:  # a no-op rather than None: every process must compile the same program
+                return
+            if i == 0:
+                bars.append(tqdm(total=n, desc=desc, unit="step", file=sys.stderr))
+            bars[-1].update(i - bars[-1].n)
+            if i == n:
+                bars[-1].close()
 
+        return None if args.no_progress else progress
+
+    common = dict(
+        prompt_2=args.prompt_2,
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        seed=args.seed,
+    )
     try:
-        return pipe(
-            args.prompt,
-            prompt_2=args.prompt_2,
-            negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            guidance_rescale=args.guidance_rescale,
-            seed=args.seed,
-            progress=None if args.no_progress else progress,
-        )
+        if base is not None:
+            return pipe.hires_fix(
+                args.prompt,
+                base,
+                strength=args.hires_strength,
+                num_inference_steps=args.hires_steps or args.steps,
+                base_steps=args.steps,
+                progress=bar("refining"),
+                base_progress=bar("base pass"),
+                **common,
+            )
+        extra = {} if image is None else dict(image=image, strength=args.strength)
+        return pipe(args.prompt, num_inference_steps=args.steps, progress=bar("denoising"), **common, **extra)
     except DistriFusionError:
         raise
     except ValueError as e:  # any other input the pipeline refuses: its first line
@@ -259,6 +310,61 @@ def generate(pipe, args, main: bool):
 
 
 # ---- checks before anything slow ----
+def steps_run(args, base, image) -> int:
+    """Denoising steps of the (last) pass: img2img and the high-res fix's refine run the last part of theirs."""
+    if base is not None:
+        steps, strength = args.hires_steps or args.steps, args.hires_strength
+    elif image is not None:
+        steps, strength = args.steps, args.strength
+    else:
+        return args.steps
+    return max(1, min(int(steps * strength), steps))
+
+
+def hires_sizes(args):
+    """--hires-size: (height, width) of the base pass (the given or native size), and --height / --width set to
+    the final size; None without it. The refine pass's strength and steps are checked here too."""
+    from .arguments import check_strength
+
+    if args.hires_size is None:
+        return None
+    if args.image is not None:
+        raise ConfigError("--image and --hires-size: pass one (the high-res fix makes its own first image)")
+    if args.hires_size < 8 or args.hires_size % 8:
+        raise ConfigError(f"--hires-size {args.hires_size}: a positive multiple of 8 (e.g. 2048)")
+    if args.hires_steps is not None and args.hires_steps < 1:
+        raise ConfigError(f"--hires-steps {args.hires_steps}: at least one step")
+    check_strength(args.hires_strength, args.hires_steps or args.steps)
+    base = (args.height, args.width)
+    args.height = args.width = args.hires_size
+    return base
+
+
+def read_image(args):
+    """--image as a PIL image of exactly --width x --height (never resized), with --strength checked; None
+    without it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .arguments import check_strength
+
+    if args.image is None:
+        return None
+    check_strength(args.strength, args.steps)
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ConfigError(
+            f"--image {args.image}: cannot read it as an image ({e.__class__.__name__})"
+        ) from None
+    if image.size != (args.width, args.height):
+        raise ConfigError(
+            f"--image {args.image} is {image.size[0]}x{image.size[1]} but the run is {args.width}x{args.height}: "
+            "pass --width / --height of the image, or resize it"
+        )
+    return image.convert("RGB")
+
+
 def check_loras(values: list, root) -> list:
     """[(LoRA path, scale)] of the --lora flags, each read and matched against the model's layers by shape
     (no weight loaded): a LoRA for another model, a wrong rank or a pickle is one line before the load."""

@@ -1,4 +1,5 @@
-"""SDXL text-to-image: prompts -> embeddings -> sharded latents -> DistriFusion loop -> VAE decode -> images."""
+"""SDXL text-to-image (and image-to-image: image -> row-sharded VAE encode -> noised latents): prompts ->
+embeddings -> sharded latents -> DistriFusion loop -> VAE decode -> images."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from PIL import Image
 
 from .arguments import (
     SEED_LIMIT,
+    check_image,
     check_latents,
     check_output_type,
     check_prompts,
+    check_strength,
     float_arg,
     int_arg,
     micro_conditioning,
@@ -26,7 +29,7 @@ from .arguments import (
 )
 from .cache import CompileClock, enable_compilation_cache
 from .config import DistriConfig
-from .decode import Decoder
+from .decode import Decoder, Encoder
 from .denoise import Denoiser
 from .distributed import check_local_share, replicate, spans_processes, to_host
 from .errors import ConfigError, OutOfMemoryError
@@ -41,12 +44,12 @@ from .weights.vae import load_vae
 
 @dataclasses.dataclass
 class PipelineOutput:
-    """`images`: PIL images, an array [B, H, W, 3] in [0, 1] ("np"), or latents [B, 4, h, w] ("latent");
-    `timings`: seconds spent in text encoding (`encode_s`), denoising (`denoise_s`) and decoding (`decode_s`),
-    each without compilation; `compile_s`: seconds spent tracing, compiling or loading compiled programs from
-    the persistent cache, all stages together; `programs_compiled` / `programs_loaded`: how many programs
-    XLA compiled and how many came from the cache; `compiled`: whether the denoising loop's programs were
-    compiled or loaded in this call (False when an earlier call's are reused)."""
+    """`images`: PIL images, an array [B, H, W, 3] in [0, 1] ("np"), or latents [B, 4, h, w] ("latent"); `timings`:
+    seconds spent in text encoding (`encode_s`), the image's VAE encode (img2img: `image_encode_s`), denoising
+    (`denoise_s`) and decoding (`decode_s`), each without compilation; `compile_s`: seconds spent tracing, compiling
+    or loading compiled programs from the persistent cache, all stages together; `programs_compiled` /
+    `programs_loaded`: how many programs XLA compiled and how many came from the cache; `compiled`: whether the
+    denoising loop's programs were compiled or loaded in this call (False when an earlier call's are reused)."""
 
     images: Any
     timings: dict
@@ -82,7 +85,9 @@ class DistriSDXLPipeline:
         self._denoisers: dict = {}
         self._lora_undo = None  # the weights a fused LoRA changed, as they were (unload_lora restores them)
         devices = distri_config.resolve_devices()
-        self.decoder = Decoder(vae, devices if parallel_decode else devices[:1], tile_rows=decode_tile_rows)
+        vae_devices = devices if parallel_decode else devices[:1]
+        self.decoder = Decoder(vae, vae_devices, tile_rows=decode_tile_rows)
+        self.encoder = Encoder(vae, vae_devices)  # img2img: row-sharded where the decode is
         if spans_processes(
             devices
         ):  # several processes: weights placed once, replicated on all their devices
@@ -114,12 +119,13 @@ class DistriSDXLPipeline:
         None (jax.nn.dot_product_attention's choice), "xla", "cudnn" or "chunked" (blockwise, bounded
         memory on any backend). Without "chunked" the VAE's one-head mid-block attention over every
         latent pixel would store 17 GB of scores at 2048^2 and 212 GB at 3840^2.
-        `dtype`: UNet and text encoders; `vae_dtype`: default float32 when the VAE's config asks for
-        `force_upcast` (SDXL's does), else `dtype`. `scheduler`: "ddim" | "euler" | "dpm-solver"
+        `dtype`: UNet and text encoders; `vae_dtype` (decode, img2img's encode): default float32 when the
+        VAE's config asks for `force_upcast` (SDXL's does), else `dtype`. `scheduler`: "ddim" | "euler" | "dpm-solver"
         overrides the class in scheduler/scheduler_config.json. `compilation_cache`: a directory for
         JAX's persistent compilation cache, or "off" (default: $DISTRIFUSION_JAX_CACHE, else
         ~/.cache/distrifusion-jax/xla), so a new process reuses compiled programs. `parallel_decode`:
-        decode row-sharded over the DistriConfig's devices (exact; default) rather than on one device.
+        decode (and img2img's encode) row-sharded over the DistriConfig's devices (exact; default) rather than
+        on one device.
         `decode_tile_rows`: where the decode runs on one device, decode in overlapping tiles of this many
         latent rows (at least 16) one after another (memory of one tile; approximate, like diffusers' VAE
         tiling); refused where the decode is row-sharded, as it would not apply.
@@ -208,6 +214,56 @@ class DistriSDXLPipeline:
             self._lora_undo = None
         return self
 
+    # ---- the high-res fix ----
+    def hires_fix(
+        self,
+        prompt,
+        base_size,
+        strength: float = 0.3,
+        num_inference_steps: int = 50,
+        base_steps: Optional[int] = None,
+        progress=None,
+        base_progress=None,
+        output_type: str = "pil",
+        **kwargs,
+    ) -> PipelineOutput:
+        """The "high-res fix": a base pass at `base_size` (an int, or (height, width): the model's native size,
+        where it composes well), its images upscaled in pixels (Lanczos) to the DistriConfig's size, then
+        refined by img2img there (`strength`, `num_inference_steps`): the refine pass at high resolution is
+        where patch parallelism pays. Both passes run on the DistriConfig's devices (the base one in the same
+        layout at its own size). `kwargs`: the rest of `__call__`'s arguments (prompt_2, negative prompts,
+        guidance, seed, scheduler, ...), used by both passes; `base_steps` defaults to `num_inference_steps`;
+        `progress` / `base_progress` as `__call__`'s. Timings of the base pass come back prefixed `base_`."""
+        check_output_type(output_type)
+        height, width = (base_size, base_size) if isinstance(base_size, int) else tuple(base_size)
+        base_config = dataclasses.replace(self.distri_config, height=height, width=width)
+        base_config.check_model(self.unet.config, len(base_config.resolve_devices()))
+        steps = int_arg("base_steps", num_inference_steps if base_steps is None else base_steps, 1)
+        with self._using(base_config):
+            base = self(prompt, num_inference_steps=steps, progress=base_progress, **kwargs)
+        dc = self.distri_config
+        images = [im.resize((dc.width, dc.height), Image.LANCZOS) for im in base.images]
+        out = self(
+            prompt,
+            image=images,
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            progress=progress,
+            output_type=output_type,
+            **kwargs,
+        )
+        out.timings = {**{f"base_{k}": v for k, v in base.timings.items()}, **out.timings}
+        return out
+
+    @contextlib.contextmanager
+    def _using(self, config: DistriConfig):
+        """This pipeline with another DistriConfig (another size) inside the block."""
+        kept, self.distri_config = self.distri_config, config
+        try:
+            yield
+        finally:
+            self.distri_config = kept
+
     def scheduler_for(self, name: Optional[str] = None):
         name = name or self.default_scheduler
         return (
@@ -217,14 +273,20 @@ class DistriSDXLPipeline:
         )
 
     def denoiser(
-        self, distri_config: DistriConfig, scheduler, steps: int, guidance_rescale: float, progress=None
+        self,
+        distri_config: DistriConfig,
+        scheduler,
+        steps: int,
+        guidance_rescale: float,
+        progress=None,
+        first_step: int = 0,
     ) -> Denoiser:
-        """The loop for this (config, scheduler, steps, rescale), built once and reused.
+        """The loop for this (config, scheduler, steps, rescale, first step), built once and reused.
 
         Building it checks the device layout and the size against the UNet but compiles nothing: the
         program is compiled on the first call with given input shapes.
         """
-        key = (distri_config, scheduler, steps, float(guidance_rescale), progress is not None)
+        key = (distri_config, scheduler, steps, float(guidance_rescale), progress is not None, first_step)
         if key not in self._denoisers:
             self._denoisers[key] = Denoiser(
                 self.unet,
@@ -233,6 +295,7 @@ class DistriSDXLPipeline:
                 steps,
                 guidance_rescale=guidance_rescale,
                 progress=progress,
+                first_step=first_step,
             )
         d = self._denoisers[key]
         d.progress = progress
@@ -257,17 +320,26 @@ class DistriSDXLPipeline:
         output_type: str = "pil",
         scheduler: Optional[str] = None,
         progress=None,
+        image=None,
+        strength: float = 0.3,
+        image_noise=None,
     ) -> PipelineOutput:
         """Generate images; the size and the device layout come from the DistriConfig.
 
-        `latents`: diffusers' layout (B, 4, H/8, W/8) and semantics (unit noise, multiplied here by the
-        scheduler's initial sigma), so a diffusers image can be reproduced exactly. `seed`: an int in
-        [0, 2**63). `progress(i, n)` is called with i = 0 when denoising starts (after compiling) and then as
-        each step completes (i = 1 .. n); the loop then runs as one compiled program per step. Every argument is checked
-        before any encoding or compiling (a one-line ConfigError); latents or an image that went NaN
-        or infinite raise NonFiniteError, a device out of memory OutOfMemoryError. In a multi-process
-        run (`distributed.initialize`) every process calls this with the same arguments and gets the
-        same images (gathered from the global mesh; only process 0 needs to use them).
+        `latents`: diffusers' layout (B, 4, H/8, W/8) and semantics (unit noise, multiplied here by the scheduler's
+        initial sigma), so a diffusers image can be reproduced exactly. `seed`: an int in [0, 2**63). img2img
+        (diffusers' StableDiffusionXLImg2ImgPipeline): `image` (a PIL image or a list of them, or an array [H, W, 3]
+        / [B, H, W, 3] of uint8 or floats in [0, 1], at the DistriConfig's size; B divides the number of images) is
+        VAE-encoded (row-sharded like the decode), its posterior sampled with `image_noise` (B, 4, H/8, W/8) (None:
+        drawn from the seed; zeros: the posterior mean), noised to the level of step t_start = steps - min(int(steps
+        * strength), steps) with `latents` (the unit noise diffusers draws after the posterior sample; None: from
+        the seed), and denoised from there (the last steps - t_start steps of the schedule, the warmup counted from
+        t_start; `strength` and `image_noise` are used only with an image). `progress(i, n)` is called with i = 0 when
+        denoising starts (after compiling) and then as each step completes (i = 1 .. n, n the steps run); the loop
+        then runs as one compiled program per step. Every argument is checked before any encoding or compiling (a
+        one-line ConfigError); latents or an image that went NaN or infinite raise NonFiniteError, a device out of
+        memory OutOfMemoryError. In a multi-process run (`distributed.initialize`) every process calls this with the
+        same arguments and gets the same images (gathered from the global mesh; only process 0 needs to use them).
         """
         check_output_type(output_type)
         batch = check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2)
@@ -287,8 +359,15 @@ class DistriSDXLPipeline:
         time_ids = micro_conditioning(dc, original_size, crops_coords_top_left, target_size)
         sched = self.scheduler_for(scheduler)
         steps = check_schedule(sched, num_inference_steps)
-        latents = check_latents(latents, (n_images, 4, dc.latent_height, dc.latent_width), dc)
-        d = self.denoiser(dc, sched, steps, guidance_rescale, progress)  # layout checks; nothing compiled yet
+        latent_shape = (4, dc.latent_height, dc.latent_width)
+        latents = check_latents(latents, (n_images, *latent_shape), dc)
+        first, pixels = 0, None
+        if image is not None:
+            first = check_strength(strength, steps)
+            pixels = check_image(image, n_images, dc)
+            image_noise = check_latents(image_noise, (len(pixels), *latent_shape), dc, "image_noise")
+        # layout checks; nothing compiled yet
+        d = self.denoiser(dc, sched, steps, guidance_rescale, progress, first)
 
         timings, clock, t0 = {}, CompileClock(), time.perf_counter()
         embeds, pooled = self.prompt_encoder(
@@ -310,12 +389,22 @@ class DistriSDXLPipeline:
             noise = jnp.asarray(latents.transpose(0, 2, 3, 1))
         timings["encode_s"], compile_s = self._lap(t0, clock, 0.0)
 
+        if pixels is None:
+            start = noise * sched.init_noise_sigma(steps)
+        else:
+            t0 = time.perf_counter()
+            with self.out_of_memory_as_error("the VAE encode", dc, len(pixels), False, self.encoder.devices):
+                start = self._image_latents(pixels, image_noise, noise, sched, steps, first, seed)
+                start = jax.block_until_ready(start)
+            if spans_processes(d.devices):  # every process holds the same values: placed by the Denoiser
+                start = to_host(start)
+            timings["image_encode_s"], compile_s = self._lap(t0, clock, compile_s)
+
         t0 = time.perf_counter()
-        sigma = sched.init_noise_sigma(steps)
         with self.out_of_memory_as_error("denoising", dc, n_images, do_cfg, d.devices):
             out = d(
                 self.unet_params,
-                noise * sigma,
+                start,
                 embeds,
                 {"text_embeds": pooled, "time_ids": time_ids},
                 guidance_scale=guidance_scale,
@@ -340,6 +429,20 @@ class DistriSDXLPipeline:
             return PipelineOutput(image, self._summary(timings, clock))
         images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]
         return PipelineOutput(images, self._summary(timings, clock))
+
+    def _image_latents(self, pixels, image_noise, noise, sched, steps: int, first: int, seed: int):
+        """img2img's starting latents [n, h, w, 4]: the image encoded (its posterior sampled with image_noise,
+        else with noise drawn from the seed), repeated to the batch as diffusers repeats it, and noised to step
+        `first`'s level with `noise` (the scheduler's `add_noise`)."""
+        shape = (len(pixels), noise.shape[1], noise.shape[2], noise.shape[3])
+        if image_noise is None:
+            sample = jax.random.normal(jax.random.fold_in(prng_key(seed), 1), shape, jnp.float32)
+        else:
+            sample = jnp.asarray(image_noise.transpose(0, 2, 3, 1))
+        z = self.encoder(self.vae_params, pixels, sample)
+        if noise.shape[0] > z.shape[0]:  # diffusers concatenates copies of the whole batch
+            z = jnp.tile(z, (noise.shape[0] // z.shape[0], 1, 1, 1))
+        return sched.add_noise(steps, z, noise, first)
 
     @staticmethod
     def _lap(t0: float, clock: CompileClock, compiled_before: float) -> tuple:
@@ -374,6 +477,11 @@ class DistriSDXLPipeline:
 
     def memory_options(self, stage: str, dc: DistriConfig) -> list:
         """The options that lower `stage`'s per-device memory and are not in effect already."""
+        if stage == "the VAE encode":
+            return [
+                "more devices (the encode is row-sharded over them)",
+                "vae_attention_impl='chunked' (--vae-attention chunked)",
+            ]
         if stage != "denoising":
             return [
                 "more devices (the decode is row-sharded over them)",

@@ -26,8 +26,10 @@ class Scheduler:
 
     A scheduler is an immutable, hashable description (so it can be a static argument of `jax.jit`);
     the per-run data lives in the pytree returned by `init`. Subclasses implement `timesteps`,
-    `init_noise_sigma`, `init`, `scale_model_input` and `step`, and may redefine the defaults below
-    (diffusers' defaults differ per scheduler class).
+    `init_noise_sigma`, `init`, `scale_model_input`, `step` and `add_noise` (img2img: the noised latents
+    a run starting at a later step begins from), and may redefine the defaults below (diffusers'
+    defaults differ per scheduler class). Step indices always index the whole schedule of
+    `num_inference_steps` steps, also in a run that starts later (`init(..., start=)`).
     """
 
     name: ClassVar[str] = ""

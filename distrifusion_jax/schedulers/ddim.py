@@ -48,9 +48,10 @@ class DDIMScheduler(Scheduler):
             steps = np.round(np.arange(t, 0, -t / n)) - 1
         return np.ascontiguousarray(steps).astype(np.int64)
 
-    def init(self, num_inference_steps: int, sample) -> DDIMState:
-        """Schedule tables for `num_inference_steps` steps; DDIM keeps no sample history."""
-        del sample  # first-order and deterministic: nothing sample-shaped to carry
+    def init(self, num_inference_steps: int, sample, start: int = 0) -> DDIMState:
+        """Schedule tables for `num_inference_steps` steps; DDIM keeps no sample history, so a run starting
+        at step `start` needs the same tables."""
+        del sample, start  # first-order and deterministic: nothing sample-shaped to carry
         ts = self.timesteps(num_inference_steps)
         ac = self.alphas_cumprod()
         # diffusers jumps by floor(T / n) whatever the spacing (so not always to the next listed timestep);
@@ -59,6 +60,12 @@ class DDIMScheduler(Scheduler):
         final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
         alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float32)
         return DDIMState(jnp.asarray(ac[ts]), jnp.asarray(alpha_prev))
+
+    def add_noise(self, num_inference_steps: int, sample, noise, step_index: int):
+        """`sample` noised to the timestep of step `step_index`: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise,
+        float32, as diffusers' `DDIMScheduler.add_noise` (img2img's starting latents)."""
+        a_t = self.alphas_cumprod()[self.timesteps(num_inference_steps)[step_index]]
+        return np.sqrt(a_t) * sample + np.sqrt(np.float32(1) - a_t) * noise
 
     def scale_model_input(self, state: DDIMState, sample, step_index):
         """DDIM feeds the sample to the UNet unscaled."""

@@ -110,24 +110,35 @@ class DPMSolverScheduler(Scheduler):
         self.check_steps(num_inference_steps)
         return 1.0
 
-    def init(self, num_inference_steps: int, sample) -> DPMSolverState:
-        """Tables for `num_inference_steps` steps and a zero history shaped like `sample` (float32)."""
+    def init(self, num_inference_steps: int, sample, start: int = 0) -> DPMSolverState:
+        """Tables for `num_inference_steps` steps and a zero history shaped like `sample` (float32).
+
+        A run starting at step `start` (img2img) has no history there: that step is first order, as
+        diffusers' lower-order count starts from the first step it runs.
+        """
         ts, sigmas = self._schedule(num_inference_steps)
         n = len(ts)
-        # The first step has no history (first order). diffusers' last step is first order when
+        # The first step run has no history (first order). diffusers' last step is first order when
         # euler_at_final, when lower_order_final with fewer than 15 steps (stabilises short runs), or when
         # the final sigma is 0 (where the second-order correction has h = inf).
         final_first = (
             self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
         )
         order = np.full(n, self.solver_order, np.int32)
-        order[0] = 1
+        order[start] = 1
         if final_first:
             order[-1] = 1
         # zeros_like (not zeros(shape)) so that inside shard_map the history is typed as varying over the
         # mesh axes like the sample band it shadows; scan requires the carry's type to be stable.
         history = jnp.zeros_like(sample, dtype=jnp.float32)
         return DPMSolverState(jnp.asarray(sigmas), jnp.asarray(order), history)
+
+    def add_noise(self, num_inference_steps: int, sample, noise, step_index: int):
+        """`sample` noised to step `step_index`'s level in the variance-preserving form: alpha_t x0 + sigma_t
+        noise (float32), as diffusers' `DPMSolverMultistepScheduler.add_noise` with its begin index."""
+        sigma = self._schedule(num_inference_steps)[1][step_index]
+        alpha_t = np.float32(1) / np.sqrt(sigma * sigma + np.float32(1))
+        return alpha_t * sample + (sigma * alpha_t) * noise
 
     def scale_model_input(self, state: DPMSolverState, sample, step_index):
         """DPM-Solver feeds the sample to the UNet unscaled."""

@@ -93,10 +93,16 @@ class EulerScheduler(Scheduler):
             return float(sigma_max)
         return float(np.sqrt(sigma_max * sigma_max + np.float32(1)))
 
-    def init(self, num_inference_steps: int, sample) -> EulerState:
-        """The sigma table of `num_inference_steps` steps; Euler keeps no sample history."""
-        del sample
+    def init(self, num_inference_steps: int, sample, start: int = 0) -> EulerState:
+        """The sigma table of `num_inference_steps` steps; Euler keeps no sample history, so a run starting
+        at step `start` reads the same table from sigmas[start] (diffusers' `set_begin_index`)."""
+        del sample, start
         return EulerState(jnp.asarray(self._schedule(num_inference_steps)[1]))
+
+    def add_noise(self, num_inference_steps: int, sample, noise, step_index: int):
+        """`sample` noised to step `step_index`'s level: x0 + sigma noise (float32), as diffusers'
+        `EulerDiscreteScheduler.add_noise` with its begin index (img2img's starting latents)."""
+        return sample + noise * self._schedule(num_inference_steps)[1][step_index]
 
     def scale_model_input(self, state: EulerState, sample, step_index):
         """Divide by sqrt(sigma^2 + 1): the UNet expects unit-variance input (k-diffusion's c_in)."""
