@@ -19,6 +19,7 @@ from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..weights import DIFFUSERS_WEIGHTS, resolve_dtype
 from ..weights.clip import TRANSFORMERS_WEIGHTS
+from ..weights.single_file import write_tokenizers
 
 FORMATS = ("converted", "diffusers")
 WEIGHT_STEMS = {
@@ -83,20 +84,6 @@ def save_torch_layout(folder: Path, flat: dict, config: dict, stem: str) -> Path
     save_file(tensors, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
-
-
-def write_tokenizers(folder: Path) -> None:
-    """tokenizer/ and tokenizer_2/ from the bundled CLIP vocabulary; tokenizer_2 pads with "!" (id 0), as SDXL's."""
-    assets = _package_file("assets", "clip-tokenizer")
-    base = json.loads(assets.joinpath("tokenizer_config.json").read_text())
-    for name, pad in (("tokenizer", base["pad_token"]), ("tokenizer_2", "!")):
-        out = folder / name
-        out.mkdir(parents=True, exist_ok=True)
-        for f in ("vocab.json", "merges.txt"):
-            (out / f).write_bytes(assets.joinpath(f).read_bytes())
-        (out / "tokenizer_config.json").write_text(json.dumps(dict(base, pad_token=pad), indent=2))
-        special = {k: base[k] for k in ("bos_token", "eos_token", "unk_token")}
-        (out / "special_tokens_map.json").write_text(json.dumps(dict(special, pad_token=pad), indent=2))
 
 
 def _write_model(
