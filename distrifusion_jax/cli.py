@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "
         "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or UNet folder "
         "(config.json + diffusion_pytorch_model[.fp16].safetensors), or a single-file checkpoint in the "
-        "original layout (model.safetensors: SDXL -> a pipeline folder, SD 1.x / 2.x -> its UNet folder; "
+        "original layout (model.safetensors: SDXL -> an SDXL pipeline folder, SD 1.x / 2.x -> an SD pipeline folder; "
         "pickles (.ckpt, .pt, .bin) are refused)",
     )
     p.add_argument(
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default=None,
         help="single files only: the bundled config the checkpoint was trained with (sdxl-base-1.0, sd-1.5, "
-        "sd-2.1, ...; default: detected from its keys)",
+        "sd-2.1, sd-2.1-base, ...; default: detected from its keys). SD 2.x files default to sd-2.1 (768, "
+        "v-prediction), as diffusers does, since the keys cannot tell; pass sd-2.1-base for a 512 epsilon model",
     )
     p.add_argument(
         "--overwrite",

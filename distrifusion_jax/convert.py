@@ -25,16 +25,15 @@ from .models.unet import to_diffusers_dict
 from .tokenizer import load_tokenizer
 from .weights import check_folder, read_unet_params, resolve_dtype
 from .weights.clip import read_text_encoder_params
+from .weights.converted import FORMAT_VERSION, NOTE_KEY, summary, write_converted
 from .weights.files import CONVERTED_WEIGHTS
 from .weights.lora import LORA_COMPONENTS, abstract_trees, fuse_lora, plan_lora, read_lora
 from .weights.single_file import (
-    FORMAT_VERSION,
-    NOTE_KEY,
+    LAYOUT_NAMES,
     is_single_file,
     plan_single_file,
+    sd2_note,
     stored_dtypes,
-    summary,
-    write_converted,
     write_single_file,
 )
 from .weights.vae import read_vae_params
@@ -324,10 +323,12 @@ def convert_single_file(
 
     An SDXL file becomes a pipeline folder as `convert_pipeline` writes one (tokenizers, scheduler and
     model_index.json from the bundled sdxl-base-1.0 files), which `DistriSDXLPipeline.from_pretrained`
-    loads; an SD 1.x / 2.x file becomes its UNet's folder (`load_unet`). `config` names the bundled
-    config the file was trained with (default: detected from its keys: sdxl-base-1.0, sd-1.5 or sd-2.1).
-    Keys, shapes, the config and `dst` are checked before any tensor is read; `dst` is written whole or
-    not at all (see `staged`).
+    loads; an SD 1.x / 2.x file a Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer,
+    scheduler, model_index.json from the bundled sd-1.5 / sd-2.1 files) for `DistriSDPipeline`. `config`
+    names the bundled config the file was trained with (default: detected from its keys: sdxl-base-1.0,
+    sd-1.5 or sd-2.1; an SD 2.x file is taken for the 768 v-prediction model, as diffusers does: name
+    "sd-2.1-base" for a 512 epsilon one). Keys, shapes, the config and `dst` are checked before any tensor
+    is read; `dst` is written whole or not at all (see `staged`).
     """
     dt = resolve_dtype(dtype)
     sf = plan_single_file(src, config)
@@ -344,8 +345,10 @@ def convert_single_file(
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     if progress:
         names = dt.name if set(dtypes.values()) == {dt.name} else f"{dt.name}, vae {dtypes['vae']}"
-        what = f"{'SDXL pipeline' if sf.is_sdxl else 'UNet'} ({sf.config_name}): "
+        what = f"{LAYOUT_NAMES[sf.layout]} pipeline ({sf.config_name}): "
         print(summary(totals, sf.path, dst, names, start, what=what), file=sys.stderr)
+        if sd2_note(sf, config):
+            print(f"note: {sd2_note(sf, config)}", file=sys.stderr)
     return dst
 
 
@@ -372,7 +375,9 @@ def convert(
         if loras:
             sf = plan_single_file(src, config)
             if not sf.is_sdxl:
-                raise ConfigError(f"--lora applies to SDXL pipelines; {src} converts to a UNet folder only")
+                raise ConfigError(
+                    f"--lora applies to SDXL pipelines; {src} is a {LAYOUT_NAMES[sf.layout]} checkpoint"
+                )
             check_loras(loras, Path(__file__).parent / "configs" / sf.config_name)  # its bundled configs
         return convert_single_file(src, dst, config, dtype, progress, overwrite, loras)
     if config:

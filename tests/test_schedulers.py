@@ -224,6 +224,10 @@ def test_make_scheduler_and_from_config():
     for cls_name, name in [("DDIMScheduler", "ddim"), ("DPMSolverMultistepScheduler", "dpm-solver")]:
         sched = scheduler_from_config({**SDXL, "_class_name": cls_name})
         assert sched.name == name and isinstance(sched, SCHEDULERS[name])
+    # PNDM (SD 1.x's published class, which we do not implement) runs as DDIM, its first-order case.
+    pndm = {**SDXL, "_class_name": "PNDMScheduler", "prediction_type": "v_prediction"}
+    assert scheduler_from_config(pndm) == make_scheduler("ddim", pndm)
+    assert scheduler_from_config(pndm).prediction_type == "v_prediction"
     # Hashable and comparable: a static argument of jit.
     assert hash(make_scheduler("ddim", SDXL)) == hash(make_scheduler("ddim", dict(SDXL)))
     # `_use_default_values` keys fall back to the scheduler's own defaults, as in diffusers.
@@ -238,8 +242,8 @@ def test_make_scheduler_and_from_config():
     [
         (lambda: make_scheduler("pndm", SDXL), "unknown scheduler 'pndm'.*'ddim'"),
         (
-            lambda: scheduler_from_config({**SDXL, "_class_name": "PNDMScheduler"}),
-            "_class_name='PNDMScheduler'",
+            lambda: scheduler_from_config({**SDXL, "_class_name": "LMSDiscreteScheduler"}),
+            "_class_name='LMSDiscreteScheduler'",
         ),
         (lambda: scheduler_from_config({"beta_schedule": "linear"}), "_class_name=None"),
         (lambda: make_scheduler("ddim", {**SDXL, "thresholding": True}), "thresholding=True"),

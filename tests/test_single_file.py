@@ -14,24 +14,29 @@ from safetensors.numpy import load_file, save_file
 import distrifusion_jax as dj
 from distrifusion_jax import keymap
 from distrifusion_jax.cli import main as cli_main
-from distrifusion_jax.convert import convert, convert_pipeline, convert_single_file, convert_unet
-from distrifusion_jax.errors import CheckpointError, ConfigError
+from distrifusion_jax.convert import convert, convert_pipeline, convert_single_file
+from distrifusion_jax.errors import CheckpointError, ConfigError, DistriFusionError
 from distrifusion_jax.models.presets import preset_dict
 from distrifusion_jax.models.unet import UNetConfig
 from distrifusion_jax.models.vae import VAEConfig
 from distrifusion_jax.pipeline import DistriSDXLPipeline
+from distrifusion_jax.schedulers import scheduler_from_config
+from distrifusion_jax.tokenizer import load_tokenizer
 from distrifusion_jax.tools.random_pipeline import write_random_pipeline
 from distrifusion_jax.weights import original_layout as layout
-from distrifusion_jax.weights.clip import read_text_encoder_params
+from distrifusion_jax.weights.clip import read_text_encoder_params, text_encoder_key_map
 from distrifusion_jax.weights.single_file import (
+    SD_LAYOUTS,
+    SDXL_LAYOUTS,
     cached_pipeline,
+    derived_config,
     plan_header,
     plan_single_file,
     read_component,
 )
 from distrifusion_jax.weights.unet import read_unet_params
-from distrifusion_jax.weights.vae import read_vae_params
-from helpers import SD1_TINY, SD2_TINY
+from distrifusion_jax.weights.vae import read_vae_params, vae_key_map
+from helpers import perturbed
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 READERS = {
@@ -50,15 +55,15 @@ WEIGHT_FILES = {
 
 
 # ---- writing the original layout from diffusers' state dicts (the inverse of our tables) ----
-def tables(config: str, prefixes: dict) -> dict:
-    out = {"unet": layout.Table(layout.unet_rules(UNetConfig.from_dict(preset_dict(config, "unet"))))}
-    if "vae" in prefixes and config in ("tiny-sdxl", "sdxl-base-1.0"):
-        out["vae"] = layout.Table(layout.vae_rules(VAEConfig.from_dict(preset_dict(config, "vae"))))
-    out["text_encoder"] = layout.Table(
-        layout.OPENCLIP_RULES if prefixes["text_encoder"].endswith(".model.") else layout.CLIP_RULES
-    )
-    out["text_encoder_2"] = layout.Table(layout.OPENCLIP_RULES)
-    return out
+def bundled(config: str, names=MODELS) -> dict:
+    return {name: preset_dict(config, name) for name in names}
+
+
+def tables(configs: dict, layout_name: str) -> dict:
+    """{model: its table} for {model: config dict} in a layout."""
+    return {
+        name: layout.Table(layout.component_rules(name, layout_name, raw)) for name, raw in configs.items()
+    }
 
 
 def with_text_model_prefix(state: dict) -> dict:
@@ -69,17 +74,19 @@ def with_text_model_prefix(state: dict) -> dict:
     }
 
 
-def original_layout(states: dict, config: str, prefixes: dict) -> dict:
-    """{original key: array} of diffusers / transformers state dicts, as the original code stores them (the
-    VAE's attention projections as 1x1 convs, an unused position_ids buffer and the DDPM schedule beside)."""
-    t, out = tables(config, prefixes), {}
+def original_layout(states: dict, configs: dict, layout_name: str) -> dict:
+    """{original key: array} of diffusers / transformers state dicts (models of {model: config dict}), as the
+    original code stores them (the VAE's attention projections as 1x1 convs, an unused position_ids buffer and
+    the DDPM schedule beside)."""
+    t, prefixes, out = tables(configs, layout_name), layout.LAYOUTS[layout_name], {}
     for name, state in states.items():
         state = with_text_model_prefix(state) if name.startswith("text") else state
+        state = {k: v for k, v in state.items() if not keymap.is_ignored(k)}
         out.update(layout.original_state(t[name], state, prefixes[name]))
     for key in list(out):
         if ".mid.attn_1." in key and key.endswith("weight") and out[key].ndim == 2:
             out[key] = out[key][:, :, None, None]
-    if "text_encoder" in states:
+    if "text_encoder" in states and layout_name != "sd2":
         out[prefixes["text_encoder"] + "text_model.embeddings.position_ids"] = np.arange(77)[None]
     out["alphas_cumprod"] = np.linspace(1, 0, 1000, dtype=np.float32)
     return out
@@ -97,7 +104,7 @@ def tiny_diffusers(tmp_path_factory):
 @pytest.fixture(scope="module")
 def original(tiny_diffusers, tmp_path_factory):
     """The tiny SDXL pipeline as one original-layout file (float32)."""
-    state = original_layout(diffusers_states(tiny_diffusers), "tiny-sdxl", SDXL_PREFIXES)
+    state = original_layout(diffusers_states(tiny_diffusers), bundled("tiny-sdxl"), "sdxl")
     path = tmp_path_factory.mktemp("single") / "tiny-sdxl.safetensors"
     save_file(state, str(path))
     return path
@@ -207,31 +214,206 @@ def test_from_pretrained_of_the_file_generates_the_folder_route_image(tiny_diffu
     assert (converted[0] / "unet" / "flax_params.safetensors").stat().st_mtime_ns == mtime
 
 
-# ---- SD 1.x / 2.x: the UNet ----
-@pytest.mark.parametrize(
-    "name, config, tiny", [("sd1", "parity-sd1", SD1_TINY), ("sd2", "parity-sd2", SD2_TINY)]
+# ---- SD 1.x / 2.x: a whole Stable Diffusion pipeline folder ----
+# Tiny files on UNet-only bundled configs: their VAE and text encoder configs are derived from the shapes.
+SD_UNETS = {"sd1": "parity-sd1", "sd2": "parity-sd2"}
+SD_TEXT = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2
+)  # 64-wide heads
+SD_VAE = dict(  # 32 GroupNorm groups, as published
+    block_out_channels=[32, 64],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
 )
-def test_sd_unet_equals_diffusers_single_file_conversion(tiny_unet_dir, tmp_path, name, config, tiny):
-    folder, _ = tiny_unet_dir(name)
-    prefixes = layout.LAYOUTS[name]
-    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-    ckpt = original_layout({"unet": state}, config, prefixes)
-    ckpt[prefixes["vae"] + "encoder.conv_in.weight"] = np.zeros(
-        (8, 3, 3, 3), np.float32
-    )  # skipped: not converted
-    ckpt[prefixes["text_encoder"] + "token_embedding.weight"] = np.zeros((10, 8), np.float32)
-    save_file(ckpt, str(tmp_path / "sd.safetensors"))
-    if isinstance(tiny["layers_per_block"], int):  # diffusers' conversion takes no per-level layer counts
-        ref = diffusers_single_file.convert_ldm_unet_checkpoint(torch_dict(ckpt), tiny)
-        assert_equal_states({k: v.numpy() for k, v in ref.items()}, state)
-    out = convert(tmp_path / "sd.safetensors", tmp_path / "unet", progress=False)
-    direct = convert_unet(folder, tmp_path / "direct", progress=False)
-    assert_equal_states(
-        load_file(str(out / "flax_params.safetensors")), load_file(str(direct / "flax_params.safetensors"))
+SD_MODELS = ("unet", "vae", "text_encoder")
+SD_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
+
+
+def sd_configs(name: str) -> dict:
+    """{model: config dict} of the tiny SD 1.x / 2.x models: the published VAE and text encoder, smaller."""
+    published = layout.DEFAULT_CONFIGS[name]
+    return {
+        "unet": preset_dict(SD_UNETS[name], "unet"),
+        "vae": dict(preset_dict(published, "vae"), **SD_VAE),
+        "text_encoder": dict(preset_dict(published, "text_encoder"), **SD_TEXT),
+    }
+
+
+def numpy_state(model) -> dict:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def sd_original(name: str, states: dict) -> dict:
+    """The models' state dicts as an SD 1.x / 2.x single file; SD 2.x's OpenCLIP tower also holds its projection,
+    a last layer the model skips (SD 2.x conditions on the penultimate layer) and its logit scale."""
+    out = original_layout(states, sd_configs(name), name)
+    if name == "sd2":
+        prefix, rng, n = (
+            layout.LAYOUTS["sd2"]["text_encoder"],
+            np.random.default_rng(3),
+            SD_TEXT["num_hidden_layers"],
+        )
+        for key in [k for k in out if k.startswith(f"{prefix}transformer.resblocks.{n - 1}.")]:
+            extra = key.replace(f"resblocks.{n - 1}.", f"resblocks.{n}.")
+            out[extra] = rng.standard_normal(out[key].shape).astype(np.float32)
+        width = SD_TEXT["hidden_size"]
+        out[prefix + "text_projection"] = rng.standard_normal((width, width)).astype(np.float32)
+        out[prefix + "logit_scale"] = np.array(4.6, np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_file(tiny_unet_dir, tmp_path_factory):
+    """name -> (tiny single file, {model: torch model}, its conversion by `convert`): built once per layout."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            configs, folder = sd_configs(name), tmp_path_factory.mktemp(name)
+            models = {
+                "unet": tiny_unet_dir(name)[1],
+                "vae": perturbed(lambda: AutoencoderKL.from_config(configs["vae"]), seed=1),
+                "text_encoder": perturbed(
+                    lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])), seed=2
+                ),
+            }
+            states = {k: numpy_state(m) for k, m in models.items()}
+            save_file(sd_original(name, states), str(folder / f"tiny-{name}.safetensors"))
+            converted = convert(folder / f"tiny-{name}.safetensors", folder / "converted", progress=False)
+            cache[name] = (folder / f"tiny-{name}.safetensors", models, converted)
+        return cache[name]
+
+    return get
+
+
+def diffusers_conversion(name: str, path, models: dict) -> dict:
+    """{model: state dict} diffusers' single-file functions convert the file to (the UNet's where diffusers takes
+    its config: an int layers_per_block), each checked to be the model the file was written from."""
+    from transformers import CLIPTextModel
+
+    ckpt, configs = torch_dict(load_file(str(path))), sd_configs(name)
+    out = {"vae": diffusers_single_file.convert_ldm_vae_checkpoint(ckpt, configs["vae"])}
+    if isinstance(configs["unet"]["layers_per_block"], int):
+        out["unet"] = diffusers_single_file.convert_ldm_unet_checkpoint(ckpt, configs["unet"])
+    if name == "sd1":
+        out["text_encoder"] = diffusers_single_file.convert_ldm_clip_checkpoint(ckpt)
+        out["text_encoder"].pop("text_model.embeddings.position_ids")
+    else:
+        with torch.device("meta"):
+            meta = CLIPTextModel(models["text_encoder"].config)
+        text = diffusers_single_file.convert_open_clip_checkpoint(meta, ckpt)
+        # diffusers skips OpenCLIP ViT-H's layer 23 by name: at this size it passes the extra layer through
+        extra = f"text_model.encoder.layers.{SD_TEXT['num_hidden_layers']}."
+        assert any(k.startswith(extra) for k in text)
+        out["text_encoder"] = {k: v for k, v in text.items() if not k.startswith(extra)}
+    for model, state in out.items():
+        expected = numpy_state(models[model])
+        expected = with_text_model_prefix(expected) if model == "text_encoder" else expected
+        assert_equal_states({k: v.numpy() for k, v in state.items()}, expected)
+    return out
+
+
+KEY_MAPS = {"unet": keymap.torch_to_flax, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
+
+
+def flax_params_of(model: str, state: dict) -> dict:
+    """A diffusers / transformers state dict as our converted tensors ({Flax path: array})."""
+    out = {}
+    for key, value in state.items():
+        path, shape, perm = KEY_MAPS[model](key, tuple(value.shape))
+        value = value.numpy()
+        out[path] = (value.transpose(perm) if perm else value).reshape(shape)
+    return out
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_sd_file_converts_to_a_pipeline_folder_with_diffusers_tensors(sd_file, tmp_path, capsys, name):
+    path, models, converted = sd_file(name)
+    reference = diffusers_conversion(name, path, models)
+    reference.setdefault("unet", {k: torch.from_numpy(v) for k, v in numpy_state(models["unet"]).items()})
+    worst = {}
+    for model in SD_MODELS:
+        got = load_file(str(converted / model / "flax_params.safetensors"))
+        expected = flax_params_of(model, reference[model])
+        assert_equal_states(got, expected)
+        worst[model] = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
+    assert sorted(p.name for p in converted.iterdir()) == sorted(
+        [*SD_MODELS, "tokenizer", "scheduler", "model_index.json"]
     )
-    assert plan_single_file(tmp_path / "sd.safetensors").config_name == config
-    with pytest.raises(CheckpointError, match="the pipeline runs SDXL only"):
-        DistriSDXLPipeline.from_pretrained(tmp_path / "sd.safetensors", compilation_cache=tmp_path / "c")
+    index = json.loads((converted / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and "text_encoder_2" not in index
+    assert index["_distrifusion_jax"]["config"] == SD_UNETS[name]
+    assert index["_distrifusion_jax"]["derived_configs"] == ["vae", "text_encoder"]
+    text = json.loads((converted / "text_encoder" / "config.json").read_text())  # derived from the shapes
+    assert {k: text[k] for k in SD_TEXT} == SD_TEXT and text["hidden_act"] == ("quick_gelu", "gelu")[
+        name == "sd2"
+    ]
+    vae = json.loads((converted / "vae" / "config.json").read_text())
+    assert {k: vae[k] for k in SD_VAE} == SD_VAE and vae["scaling_factor"] == 0.18215
+    scheduler = scheduler_from_config(json.loads((converted / "scheduler/scheduler_config.json").read_text()))
+    assert (scheduler.name, scheduler.prediction_type) == ("ddim", ("epsilon", "v_prediction")[name == "sd2"])
+    tokenizer = load_tokenizer(converted / "tokenizer", vocab_size=text["vocab_size"])
+    assert tokenizer.pad_token_id == (49407, 0)[name == "sd2"]  # OpenCLIP's pads with "!"
+    # the command line: the summary names the pipeline; an SD 2.x file says how to choose epsilon prediction
+    assert cli_main(["convert", str(path), str(tmp_path / "cli")]) == 0
+    err = capsys.readouterr().err
+    assert f"converted {SD_NAMES[name]} pipeline ({SD_UNETS[name]}): " in err
+    assert ("--config / config='sd-2.1-base'" in err) == (name == "sd2")
+    print(f"{name}: max abs difference to diffusers' conversion per model (float32) {worst}")
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_sd_converted_text_encoder_and_vae_compute_like_transformers_and_diffusers(sd_file, name):
+    import jax
+    import jax.numpy as jnp
+
+    from distrifusion_jax.weights.clip import load_text_encoder
+    from distrifusion_jax.weights.vae import load_vae
+
+    _, models, converted = sd_file(name)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, models["text_encoder"].config.vocab_size, size=(2, 77))
+    text, params = load_text_encoder(converted / "text_encoder")
+    ours = jax.jit(lambda p, i: text.apply({"params": p}, i))(params, jnp.asarray(ids)).last_hidden_state
+    z = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    vae, vae_params = load_vae(converted / "vae")
+    image = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))(vae_params, z)
+    with torch.no_grad():
+        ref = models["text_encoder"](torch.from_numpy(ids)).last_hidden_state.numpy()
+        ref_image = models["vae"].decode(torch.from_numpy(z.transpose(0, 3, 1, 2))).sample.numpy()
+    errs = {
+        "last_hidden_state": float(np.abs(np.asarray(ours) - ref).max()),
+        "decode": float(np.abs(np.asarray(image) - ref_image.transpose(0, 2, 3, 1)).max()),
+    }
+    print(f"{name}: max abs difference, float32: {errs}")
+    assert errs["last_hidden_state"] <= 1e-5 and errs["decode"] <= 5e-5
+
+
+def test_sd_file_cache_route_and_the_sdxl_pipeline_refusal(sd_file, tmp_path):
+    path, _, converted = sd_file("sd1")
+    with pytest.raises(
+        CheckpointError, match="a Stable Diffusion 1.x checkpoint, which DistriSDPipeline loads"
+    ):
+        cached_pipeline(
+            path, cache=tmp_path / "c", layouts=SDXL_LAYOUTS
+        )  # from the header, before converting
+    assert not (tmp_path / "c").exists()
+    folder = cached_pipeline(path, cache=tmp_path / "c", layouts=SD_LAYOUTS)
+    for model in SD_MODELS:
+        assert_equal_states(
+            load_file(str(folder / model / "flax_params.safetensors")),
+            load_file(str(converted / model / "flax_params.safetensors")),
+        )
+    assert cached_pipeline(path, cache=tmp_path / "c") == folder  # converted once, then reused
+    config = dj.DistriConfig(64, 64, devices=1)
+    with pytest.raises(DistriFusionError, match="DistriSDPipeline") as refused:
+        DistriSDXLPipeline.from_pretrained(path, config, compilation_cache=tmp_path / "c")
+    assert "\n" not in str(refused.value)
+    print(f"DistriSDXLPipeline.from_pretrained(SD 1.x file): {type(refused.value).__name__}: {refused.value}")
 
 
 # ---- full size: sd_xl_base_1.0.safetensors's keys and shapes, abstractly ----
@@ -260,19 +442,21 @@ COUNTS = {
 }
 
 
-def sdxl_base_header() -> dict:
-    """{original key: (shape, "F16")} of SDXL base, from our abstract parameters mapped back through the tables."""
+def full_size_header(config: str = "sdxl-base-1.0", layout_name: str = "sdxl") -> dict:
+    """{original key: (shape, "F16")} of a published checkpoint, from our abstract parameters mapped back through
+    the tables."""
     from distrifusion_jax.models.clip import CLIPTextConfig, text_encoder_class
     from distrifusion_jax.models.unet import UNet2DConditionModel
     from distrifusion_jax.models.vae import AutoencoderKL
 
-    t, header = tables("sdxl-base-1.0", SDXL_PREFIXES), {}
+    prefixes = layout.LAYOUTS[layout_name]
+    t, header = tables(bundled(config, prefixes), layout_name), {}
     models = {
-        "unet": UNet2DConditionModel(UNetConfig.from_dict(preset_dict("sdxl-base-1.0", "unet"))),
-        "vae": AutoencoderKL(VAEConfig.from_dict(preset_dict("sdxl-base-1.0", "vae"))),
+        "unet": UNet2DConditionModel(UNetConfig.from_dict(preset_dict(config, "unet"))),
+        "vae": AutoencoderKL(VAEConfig.from_dict(preset_dict(config, "vae"))),
     }
-    for name in ("text_encoder", "text_encoder_2"):
-        raw = preset_dict("sdxl-base-1.0", name)
+    for name in prefixes.keys() - models.keys():
+        raw = preset_dict(config, name)
         models[name] = text_encoder_class(raw)(CLIPTextConfig.from_dict(raw))
     for name, model in models.items():
         fused = {}
@@ -284,12 +468,12 @@ def sdxl_base_header() -> dict:
                 shape = shape + (1, 1)
             if parts > 1:
                 fused[original] = (shape[0] * parts,) + shape[1:]
-            header[SDXL_PREFIXES[name] + original] = (fused.get(original, shape), "F16")
+            header[prefixes[name] + original] = (fused.get(original, shape), "F16")
     return header
 
 
 def test_sdxl_base_original_layout_maps_completely(tmp_path):
-    header = sdxl_base_header()
+    header = full_size_header()
     for key, shape in SDXL_BASE_KEYS.items():
         assert header[key][0] == shape, key
     sf = plan_header(
@@ -305,7 +489,7 @@ def test_sdxl_base_original_layout_is_what_diffusers_reads():
     """diffusers' own conversion of the same header (meta tensors) gives its SDXL models' keys and shapes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    header = sdxl_base_header()
+    header = full_size_header()
     with torch.device("meta"):
         ckpt = {k: torch.empty(shape) for k, (shape, _) in header.items()}
         unet = UNet2DConditionModel.from_config(preset_dict("sdxl-base-1.0", "unet"))
@@ -316,6 +500,60 @@ def test_sdxl_base_original_layout_is_what_diffusers_reads():
     ):
         converted = {k: tuple(v.shape) for k, v in convert_fn(ckpt, config).items()}
         assert converted == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_a_derived_text_encoder_needs_64_wide_heads(sd_file, tmp_path):
+    header = {k: (tuple(v.shape), "F32") for k, v in load_file(str(sd_file("sd1")[0])).items()}
+    prefix = layout.LAYOUTS["sd1"]["text_encoder"]
+    header[prefix + "text_model.embeddings.token_embedding.weight"] = ((49408, 96), "F32")
+    with pytest.raises(CheckpointError, match="a text encoder 96 wide, so its head count cannot be derived"):
+        plan_header(header, tmp_path / "sd.safetensors", "parity-sd1")
+
+
+# the published SD models' parameters (diffusers / transformers modules on the meta device count the same)
+SD_COUNTS = {
+    "sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_sd_published_layouts_map_completely_and_give_back_their_bundled_configs(tmp_path, name):
+    """v1-5-pruned / v2-1_768 layouts, abstractly: every key maps, and the VAE and text encoder configs derived
+    from the shapes are the bundled (published) ones."""
+    config = layout.DEFAULT_CONFIGS[name]
+    header, skipped = full_size_header(config, name), set()
+    if name == "sd2":  # what the file holds beyond diffusers' model: ViT-H's 24th layer, the projection, ...
+        prefix = layout.LAYOUTS["sd2"]["text_encoder"]
+        for key in [k for k in header if ".resblocks.22." in k]:
+            header[key.replace(".resblocks.22.", ".resblocks.23.")] = header[key]
+            skipped.add(key.replace(".resblocks.22.", ".resblocks.23."))
+        header[prefix + "text_projection"], header[prefix + "logit_scale"] = (
+            ((1024, 1024), "F16"),
+            ((), "F16"),
+        )
+        skipped |= {prefix + "text_projection"}
+    for model in ("vae", "text_encoder"):
+        assert derived_config(model, name, header, tmp_path) == preset_dict(config, model)
+    sf = plan_header(header, tmp_path / f"{name}.safetensors")  # raises if anything is missing or extra
+    assert sf.config_name == config and not any(c.derived for c in sf.components)
+    counts = {c.name: sum(int(np.prod(shape)) for *_, shape in c.plan.values()) for c in sf.components}
+    assert counts == SD_COUNTS[name]
+    mapped = {key for c in sf.components for key, *_ in c.plan.values()}
+    assert set(header) - mapped == skipped | ({prefix + "logit_scale"} if name == "sd2" else set())
+    prediction = preset_dict(sf.files_config, "scheduler", "scheduler_config.json")["prediction_type"]
+    assert prediction == ("epsilon", "v_prediction")[name == "sd2"]
+    if name == "sd2":  # the base model (512, epsilon): the same shapes, so named (--config), not detected
+        for model, differ in (("unet", {"sample_size", "upcast_attention"}), ("vae", {"sample_size"})):
+            base, v = (
+                {k: x for k, x in preset_dict(c, model).items() if k not in differ}
+                for c in ("sd-2.1-base", config)
+            )
+            assert base == v, model
+        assert preset_dict("sd-2.1-base", "text_encoder") == preset_dict(config, "text_encoder")
+        assert (
+            preset_dict("sd-2.1-base", "scheduler", "scheduler_config.json")["prediction_type"] == "epsilon"
+        )
 
 
 # ---- refused in one line, before any tensor is read ----

@@ -15,7 +15,7 @@ from transformers import CLIPTokenizer
 from distrifusion_jax.errors import CheckpointError
 from distrifusion_jax.prompts import PromptEncoder, tokenize
 from distrifusion_jax.tokenizer import load_tokenizer
-from distrifusion_jax.tools.random_pipeline import write_tokenizers
+from distrifusion_jax.weights.converted import write_tokenizers
 
 PROMPTS = [
     "",

@@ -14,8 +14,10 @@ from .vae import VAEConfig
 # tiny ones are ours, in the same format (diffusers and transformers build the same models from them).
 PRESETS = {
     "sdxl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0 (UNet, VAE, both text encoders, scheduler)",
-    "sd-1.5": "Stable Diffusion 1.5 UNet",
-    "sd-2.1": "Stable Diffusion 2.1 (768-v) UNet",
+    "sd-1.5": "Stable Diffusion 1.5 (UNet, VAE, CLIP ViT-L/14 text encoder, PNDM scheduler)",
+    "sd-2.1": "Stable Diffusion 2.1 768, v-prediction (UNet, VAE, OpenCLIP ViT-H/14 text encoder less its last "
+    "layer, DDIM scheduler)",
+    "sd-2.1-base": "Stable Diffusion 2.1 base: 2.1's models at 512, epsilon prediction (PNDM scheduler)",
     "tiny-sdxl": "SDXL's structure at a size that runs 20 steps at 256x256 on a CPU in seconds: three "
     "levels, text_time micro-conditioning, a four-level VAE, two small CLIP text encoders "
     "with the real vocabulary (the random test and demo pipeline)",

@@ -21,6 +21,11 @@ CLASS_NAMES = {
     "EulerDiscreteScheduler": "euler",
     "DPMSolverMultistepScheduler": "dpm-solver",
 }
+# diffusers classes we do not implement, run as the nearest one we do. PNDM (SD 1.x's and SD 2.x base's
+# published scheduler; with skip_prk_steps, PLMS) is a linear multistep method over DDIM's update (Liu et al.
+# 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", Sec. 3); its first-order case is DDIM,
+# which reads the same fields (betas, steps_offset, set_alpha_to_one, clip_sample, prediction_type).
+FALLBACKS = {"PNDMScheduler": "ddim"}
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
@@ -35,19 +40,23 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
 
 
 def scheduler_from_config(config: Mapping[str, Any]) -> Scheduler:
-    """The scheduler a diffusers scheduler config describes, chosen by its `_class_name`."""
+    """The scheduler a diffusers scheduler config describes, chosen by its `_class_name` (a class in FALLBACKS
+    runs as the scheduler named there: PNDMScheduler as DDIM)."""
     cls_name = config.get("_class_name") if isinstance(config, Mapping) else None
-    if cls_name not in CLASS_NAMES:
+    name = CLASS_NAMES.get(cls_name) or FALLBACKS.get(cls_name)
+    if name is None:
         raise ConfigError(
             f"unsupported scheduler _class_name={cls_name!r}: supported "
-            f"{', '.join(repr(k) for k in CLASS_NAMES)}"
+            f"{', '.join(repr(k) for k in (*CLASS_NAMES, *FALLBACKS))}"
         )
-    return make_scheduler(CLASS_NAMES[cls_name], config)
+    return make_scheduler(name, config)
 
 
 __all__ = [
     "Scheduler",
     "SCHEDULERS",
+    "CLASS_NAMES",
+    "FALLBACKS",
     "make_scheduler",
     "scheduler_from_config",
     "DDIMScheduler",

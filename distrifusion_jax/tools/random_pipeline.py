@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from .. import keymap
-from ..convert import FORMAT_VERSION, NOTE_KEY, PIPELINE_MODELS, vae_dtype, write_converted
+from ..convert import FORMAT_VERSION, PIPELINE_MODELS, vae_dtype, write_converted
 from ..errors import ConfigError
 from ..models.clip import CLIPTextConfig, text_encoder_class
 from ..models.presets import preset_dict, unet_preset, vae_preset
@@ -19,7 +18,7 @@ from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..weights import DIFFUSERS_WEIGHTS, resolve_dtype
 from ..weights.clip import TRANSFORMERS_WEIGHTS
-from ..weights.single_file import write_tokenizers
+from ..weights.converted import SDXL_TOKENIZERS, write_pipeline_files
 
 FORMATS = ("converted", "diffusers")
 WEIGHT_STEMS = {
@@ -28,12 +27,8 @@ WEIGHT_STEMS = {
     "text_encoder": TRANSFORMERS_WEIGHTS,
     "text_encoder_2": TRANSFORMERS_WEIGHTS,
 }
-# The pipeline files around the models (model_index.json, scheduler/) are SDXL's own.
+# The pipeline files around the models (tokenizers, model_index.json, scheduler/) are SDXL's own.
 SDXL = "sdxl-base-1.0"
-
-
-def _package_file(*parts: str):
-    return resources.files("distrifusion_jax").joinpath(*parts)
 
 
 # ---- random parameters ----
@@ -95,17 +90,6 @@ def _write_model(
         write_converted(folder / name, flat, config, source, dtype, progress=False)
 
 
-def _write_sdxl_files(folder: Path, note: dict | None) -> None:
-    """scheduler/ and model_index.json as SDXL's, the latter with our format note when converted."""
-    (folder / "scheduler").mkdir(exist_ok=True)
-    scheduler = _package_file("configs", SDXL, "scheduler", "scheduler_config.json").read_text()
-    (folder / "scheduler" / "scheduler_config.json").write_text(scheduler)
-    index = json.loads(_package_file("configs", SDXL, "model_index.json").read_text())
-    if note is not None:
-        index[NOTE_KEY] = note
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-
-
 def write_random_pipeline(
     folder, preset: str = "tiny-sdxl", seed: int = 0, dtype="float32", fmt: str = "converted"
 ) -> Path:
@@ -134,7 +118,6 @@ def write_random_pipeline(
             k: v.astype(resolve_dtype(dtypes[name])) for k, v in random_params_of(preset, name, seed).items()
         }
         _write_model(folder, name, flat, configs[name], dtypes[name], fmt, source)
-    write_tokenizers(folder)
     note = {"format_version": FORMAT_VERSION, "dtype": dt, "vae_dtype": dtypes["vae"], "source": source}
-    _write_sdxl_files(folder, note if fmt == "converted" else None)
+    write_pipeline_files(folder, SDXL, SDXL_TOKENIZERS, note if fmt == "converted" else None)
     return folder

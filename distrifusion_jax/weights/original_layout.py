@@ -4,10 +4,12 @@ A single file (`sd_xl_base_1.0.safetensors`, `v1-5-pruned-emaonly.safetensors`, 
 holds every model under a prefix (`model.diffusion_model.` the UNet, `first_stage_model.` the VAE, ...),
 in the module naming of the original code (Stability AI's `sgm`, CompVis' `ldm`, OpenCLIP). Each
 component's table is data: `Module` rules rename a module prefix (and named submodules inside it),
-`Tensor` rules rename one whole key (splitting a fused tensor into parts, or transposing it). The UNet's
-and the VAE's tables are generated from their configs, since block indices follow from the number of
-levels, the layers per level and which levels have attention. The result is diffusers' (UNet, VAE) or
-transformers' (CLIP) key naming, which `keymap` then maps to our Flax paths.
+`Tensor` rules rename one whole key (splitting a fused tensor into parts, or transposing it), `Skip` rules
+name what the diffusers model does not hold (SD 2.x's last OpenCLIP layer and projection). The tables are
+generated from the component's config (`component_rules`), since block indices follow from the number of
+levels, the layers per level and which levels have attention, and an OpenCLIP tower's skipped layer from
+its depth. The result is diffusers' (UNet, VAE) or transformers' (CLIP) key naming, which `keymap` then
+maps to our Flax paths.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ..models.clip import CLIPTextConfig, CLIPTextModelWithProjection, text_encoder_class
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 
@@ -38,6 +41,12 @@ class Tensor(NamedTuple):
     original: str
     diffusers: tuple
     transpose: bool = False
+
+
+class Skip(NamedTuple):
+    """The key `original`, or every key under the module `original.`, is in the file but not in the model."""
+
+    original: str
 
 
 class Target(NamedTuple):
@@ -69,8 +78,13 @@ LAYOUTS = {
         "text_encoder": "cond_stage_model.model.",
     },
 }
-# The published config each layout defaults to (bundled under distrifusion_jax/configs/).
+# The published config each layout defaults to (bundled under distrifusion_jax/configs/). SD 2.x's base
+# (512, epsilon) and 768 (v-prediction) models have the same keys and shapes: like diffusers, a 2.x file is
+# taken for the 768 v-prediction model unless told otherwise (config "sd-2.1-base").
 DEFAULT_CONFIGS = {"sdxl": "sdxl-base-1.0", "sd1": "sd-1.5", "sd2": "sd-2.1"}
+# SD 2.x conditions on the penultimate layer of OpenCLIP ViT-H: diffusers' text encoder keeps 23 of the 24
+# layers, so the file's layers after the config's depth (this many) are skipped.
+DROPPED_LAYERS = {("sd2", "text_encoder"): 1}
 # Entries that are not model parameters, skipped wherever they appear: the DDPM schedule buffers, the EMA
 # copy of the UNet (the trained weights are read, as diffusers does by default), CLIP's position ids and
 # OpenCLIP's contrastive temperature, the VAE's training loss (LPIPS, discriminator).
@@ -123,10 +137,10 @@ UNET_FIXED = (
 CLIP_RULES = (Module("text_model", "text_model"),)
 # OpenCLIP's text tower: fused q/k/v projections, the projection stored as [width, dim] (x @ P)
 OPENCLIP_LAYERS = "text_model.encoder.layers.{i}"
-OPENCLIP_RULES = (
+OPENCLIP_PROJECTION = Tensor("text_projection", ("text_projection.weight",), transpose=True)
+OPENCLIP_TOWER = (
     Tensor("positional_embedding", ("text_model.embeddings.position_embedding.weight",)),
     Tensor("token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
-    Tensor("text_projection", ("text_projection.weight",), transpose=True),
     Tensor(
         "transformer.resblocks.{i}.attn.in_proj_{leaf}",
         tuple(f"{OPENCLIP_LAYERS}.self_attn.{p}_proj.{{leaf}}" for p in "qkv"),
@@ -134,6 +148,17 @@ OPENCLIP_RULES = (
     Module("transformer.resblocks.{i}", OPENCLIP_LAYERS, OPENCLIP_LAYER),
     Module("ln_final", "text_model.final_layer_norm"),
 )
+
+
+def openclip_rules(layers: Optional[int] = None, projection: bool = True, dropped: int = 0) -> tuple:
+    """OpenCLIP's text tower: with its projection (CLIPTextModelWithProjection: SDXL's bigG) or skipping it
+    (CLIPTextModel: SD 2.x's ViT-H), and skipping the `dropped` layers after the first `layers`."""
+    last = () if layers is None else range(layers, layers + dropped)
+    skips = tuple(Skip(f"transformer.resblocks.{i}") for i in last)
+    return skips + (OPENCLIP_PROJECTION if projection else Skip("text_projection"),) + OPENCLIP_TOWER
+
+
+OPENCLIP_RULES = openclip_rules()  # SDXL's text_encoder_2
 
 
 def has_attention(block_type: str) -> bool:
@@ -193,6 +218,20 @@ def vae_rules(config: VAEConfig) -> tuple:
     return tuple(rules)
 
 
+def component_rules(name: str, layout: str, raw: dict, derive: bool = False) -> tuple:
+    """The table of the model `name` of a layout, from its config dict `raw` (a diffusers / transformers
+    config.json). With `derive`, a text encoder's table skips no layer, so its depth can be read off the keys."""
+    if name == "unet":
+        return unet_rules(UNetConfig.from_dict(raw))
+    if name == "vae":
+        return vae_rules(VAEConfig.from_dict(raw))
+    if not LAYOUTS[layout][name].endswith(".model."):
+        return CLIP_RULES
+    config, projection = CLIPTextConfig.from_dict(raw), text_encoder_class(raw) is CLIPTextModelWithProjection
+    dropped = DROPPED_LAYERS.get((layout, name), 0)
+    return openclip_rules(None if derive else config.num_hidden_layers, projection or derive, dropped)
+
+
 # ---- applying a table ----
 _FIELDS = {"i": r"\d+", "j": r"\d+", "leaf": r"weight|bias"}
 
@@ -209,6 +248,7 @@ class Table:
 
     def __init__(self, rules):
         self.rules = tuple(rules)
+        self._skips = [re.compile(_pattern(r.original) + r"(?:\..+)?$") for r in rules if isinstance(r, Skip)]
         self._modules = [
             (re.compile(_pattern(r.original) + r"\."), r) for r in rules if isinstance(r, Module)
         ]
@@ -224,7 +264,10 @@ class Table:
         ]
 
     def to_diffusers(self, key: str) -> Optional[list]:
-        """The `Target`s of one original key (without its component prefix), or None when no rule matches."""
+        """The `Target`s of one original key (without its component prefix): none for a skipped key, None
+        when no rule matches."""
+        if any(p.match(key) for p in self._skips):
+            return []
         for pattern, rule in self._tensors:
             m = pattern.match(key)
             if m:

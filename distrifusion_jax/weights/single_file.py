@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import secrets
 import shutil
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from .. import keymap
 from ..cache import DEFAULT_DIR, cache_dir
@@ -26,64 +22,38 @@ from ..models.presets import PRESETS, preset_dict
 from ..models.unet import UNet2DConditionModel, UNetConfig, to_diffusers_dict
 from ..models.vae import AutoencoderKL, VAEConfig
 from .clip import text_encoder_key_map
-from .files import CONVERTED_WEIGHTS, PICKLE_SUFFIXES, check_keys, param_shapes, resolve_dtype
+from .converted import (
+    CLIP_PAD,
+    FORMAT_VERSION,
+    OPENCLIP_PAD,
+    SDXL_TOKENIZERS,
+    package_file,
+    write_converted,
+    write_pipeline_files,
+)
+from .derived_configs import derive_config
+from .files import PICKLE_SUFFIXES, check_keys, param_shapes, resolve_dtype
 from .original_layout import (
-    CLIP_RULES,
     DEFAULT_CONFIGS,
+    DROPPED_LAYERS,
     IGNORED,
     LAYOUTS,
-    OPENCLIP_RULES,
     Table,
+    component_rules,
     take,
     target_shape,
-    unet_rules,
-    vae_rules,
 )
 from .vae import vae_key_map
 
-# ---- our converted format (written by `convert` and by the single-file cache) ----
-FORMAT_VERSION = 1
-NOTE_KEY = "_distrifusion_jax"  # added to every config we write; diffusers ignores "_"-prefixed keys
-
-
-def summary(flat: dict, src, dst, dtype_names: str, start: float, what: str = "") -> str:
-    """The closing line of a conversion: tensors, parameters, dtype(s), where from and to, time taken."""
-    n = sum(v.size for v in flat.values())
-    return (
-        f"converted {what}{len(flat)} tensors ({n:,} parameters, {dtype_names}) from {src} to {dst} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
-
-
-def write_converted(
-    dst, flat: dict, config_dict: dict, src, dtype, start: Optional[float] = None, progress: bool = True
-) -> Path:
-    """Write one converted model folder: `flat` ({Flax path: numpy array}, already in `dtype`) as
-    `dst/flax_params.safetensors` and `config_dict` plus a `_distrifusion_jax` note (format version,
-    dtype, source) as `dst/config.json`.
-
-    With `progress`, prints the summary line (timed from `start`, a `time.perf_counter()` value) to stderr.
-    """
-    dt = resolve_dtype(dtype)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(dst / CONVERTED_WEIGHTS), metadata={"format": "distrifusion-jax", "dtype": dt.name})
-    meta = dict(config_dict)
-    meta[NOTE_KEY] = {"format_version": FORMAT_VERSION, "dtype": dt.name, "source": str(src)}
-    (dst / "config.json").write_text(json.dumps(meta, indent=2))
-    if progress:
-        print(
-            summary(flat, src, dst, dt.name, time.perf_counter() if start is None else start), file=sys.stderr
-        )
-    return dst
-
-
 # ---- what a layout converts ----
 SDXL_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
-# Our pipeline is SDXL's: of an SD 1.x / 2.x file only the UNet is converted (a UNet folder, `load_unet`).
-CONVERTED = {"sdxl": SDXL_MODELS, "sd1": ("unet",), "sd2": ("unet",)}
+SD_MODELS = ("unet", "vae", "text_encoder")
+CONVERTED = {"sdxl": SDXL_MODELS, "sd1": SD_MODELS, "sd2": SD_MODELS}  # each into a pipeline folder
 LAYOUT_NAMES = {"sdxl": "SDXL", "sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
-SDXL_FILES = "sdxl-base-1.0"  # tokenizers' pad tokens, scheduler and model_index.json of an SDXL folder
+SDXL_LAYOUTS, SD_LAYOUTS = ("sdxl",), ("sd1", "sd2")
+PIPELINE_CLASSES = {"sdxl": "DistriSDXLPipeline", "sd1": "DistriSDPipeline", "sd2": "DistriSDPipeline"}
+# The tokenizer folders of each layout's pipeline (all on the bundled CLIP vocabulary) and their pad tokens
+TOKENIZERS = {"sdxl": SDXL_TOKENIZERS, "sd1": {"tokenizer": CLIP_PAD}, "sd2": {"tokenizer": OPENCLIP_PAD}}
 SAFETENSORS_FIX = "re-save it as .safetensors (safetensors.torch.save_file) where torch is installed"
 _FILE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -97,6 +67,7 @@ class Component:
     config: dict
     plan: dict  # {Flax path: (original key, Target, permutation or None, Flax shape)}
     file_dtype: str  # the dtype most of its tensors are stored in
+    derived: bool = False  # config derived from the file's shapes (the bundled config has none for it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +85,14 @@ class SingleFile:
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
+
+    @property
+    def files_config(self) -> str:
+        """The bundled config whose scheduler and model_index.json the pipeline folder gets: the file's own
+        config where it has them, else the layout's published one."""
+        if package_file("configs", self.config_name, "model_index.json").is_file():
+            return self.config_name
+        return DEFAULT_CONFIGS[self.layout]
 
 
 # ---- the file ----
@@ -188,18 +167,18 @@ def detect_layout(path: Path, keys) -> str:
 
 def candidate_configs(layout: str) -> list:
     """The bundled configs a file of this layout may have been trained with: the published one first, then every
-    other bundled config with all the components the layout converts (the tiny test configs among them)."""
+    other bundled config with a UNet (the tiny test configs among them; the models it has no config for are
+    derived from the file's shapes, `derived_configs`)."""
 
-    def complete(name):
+    def has_unet(name):
         try:
-            for component in CONVERTED[layout]:
-                preset_dict(name, component)
+            preset_dict(name, "unet")
         except ConfigError:
             return False
         return True
 
     default = DEFAULT_CONFIGS[layout]
-    return [default] + [n for n in PRESETS if n != default and complete(n)]
+    return [default] + [n for n in PRESETS if n != default and has_unet(n)]
 
 
 # ---- one component's plan ----
@@ -216,28 +195,47 @@ def _model(name: str, raw: dict):
     return cls(config), text_encoder_key_map, dict(config.to_dict(), architectures=[cls.__name__])
 
 
-def _table(name: str, layout: str, raw: dict) -> Table:
-    if name == "unet":
-        return Table(unet_rules(UNetConfig.from_dict(raw)))
-    if name == "vae":
-        return Table(vae_rules(VAEConfig.from_dict(raw)))
-    return Table(OPENCLIP_RULES if LAYOUTS[layout][name].endswith(".model.") else CLIP_RULES)
+def derived_config(name: str, layout: str, header: dict, where) -> dict:
+    """The config of the model `name` (the VAE or a text encoder) of a file of `layout`, from its header: the
+    layout's published config with the sizes the tensors show (`derived_configs`); `where` names it in errors."""
+    template = preset_dict(DEFAULT_CONFIGS[layout], name)
+    table, prefix = Table(component_rules(name, layout, template, derive=True)), LAYOUTS[layout][name]
+    shapes = {}
+    for key, (shape, _) in header.items():
+        if key.startswith(prefix) and not IGNORED.match(key):
+            for target in table.to_diffusers(key[len(prefix) :]) or ():
+                shapes[target.key] = target_shape(shape, target)
+    return derive_config(
+        name, template, shapes, DROPPED_LAYERS.get((layout, name), 0), f"{where} ({prefix}*)"
+    )
 
 
-def _plan(name: str, layout: str, config_name: str, header: dict, unmatched: list):
+def _component_config(name: str, layout: str, config_name: str, header: dict, where):
+    """(config dict, derived): the bundled config's, else (not for a UNet) `derived_config`."""
+    try:
+        return preset_dict(config_name, name), False
+    except ConfigError:
+        if name == "unet":
+            raise
+    return derived_config(name, layout, header, where), True
+
+
+def _plan(name: str, layout: str, config_name: str, header: dict, source: Path, unmatched: list):
     """(the component, {Flax path: shape found}, {Flax path: shape expected}); keys that no rule maps, or that map
-    to no parameter of the config, are added to `unmatched`."""
-    raw = preset_dict(config_name, name)
+    to no parameter of the config, are added to `unmatched` (keys a rule skips are left out)."""
+    raw, derived = _component_config(name, layout, config_name, header, source)
     model, key_map, config_dict = _model(name, raw)
-    table, prefix = _table(name, layout, raw), LAYOUTS[layout][name]
+    table, prefix = Table(component_rules(name, layout, raw)), LAYOUTS[layout][name]
     expected = param_shapes(model)
     plan, found, sizes = {}, {}, {}
     for key, (shape, dtype) in header.items():
         if not key.startswith(prefix) or IGNORED.match(key):
             continue
+        targets = table.to_diffusers(key[len(prefix) :])
+        if targets == []:  # skipped by rule
+            continue
         sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape))
-        targets = table.to_diffusers(key[len(prefix) :]) or ()
-        mapped = [(t, key_map(t.key, target_shape(shape, t))) for t in targets]
+        mapped = [(t, key_map(t.key, target_shape(shape, t))) for t in targets or ()]
         if not targets or any(m is None or m[0] not in expected for _, m in mapped):
             unmatched.append(key)
             continue
@@ -245,7 +243,7 @@ def _plan(name: str, layout: str, config_name: str, header: dict, unmatched: lis
             plan[path] = (key, target, perm, expected[path])
             found[path] = flax_shape
     file_dtype = _FILE_DTYPES.get(max(sizes, key=sizes.get) if sizes else "F32", "float32")
-    return Component(name, prefix, config_dict, plan, file_dtype), found, expected
+    return Component(name, prefix, config_dict, plan, file_dtype, derived), found, expected
 
 
 def plan_single_file(path, config: Optional[str] = None) -> SingleFile:
@@ -262,14 +260,18 @@ def plan_header(header: dict, path: Path, config: Optional[str] = None) -> Singl
     layout = detect_layout(path, header)
     if config is not None and config not in PRESETS:
         raise ConfigError(f"config={config!r} is not a bundled config: use one of {', '.join(PRESETS)}")
-    first_error = None
-    names = [config] if config else candidate_configs(layout)
-    for name in names[:1] + [n for n in names[1:] if _may_fit(header, layout, n)]:
+    if config is not None:
+        return _plan_file(header, path, layout, config)
+    names, errors = candidate_configs(layout), {}
+    fitting = [n for n in names if _may_fit(header, layout, n)]  # a glance first: planning traces the models
+    for name in fitting:
         try:
             return _plan_file(header, path, layout, name)
-        except CheckpointError as e:  # the published config's error is the one to report
-            first_error = first_error or e
-    raise first_error
+        except CheckpointError as e:
+            errors[name] = e
+    if names[0] in errors:  # the published config's error is the one to report
+        raise errors[names[0]]
+    return _plan_file(header, path, layout, names[0])  # raises it
 
 
 def _may_fit(header: dict, layout: str, name: str) -> bool:
@@ -285,7 +287,7 @@ def _may_fit(header: dict, layout: str, name: str) -> bool:
 
 def _plan_file(header: dict, path: Path, layout: str, config_name: str) -> SingleFile:
     unmatched = []
-    plans = [_plan(name, layout, config_name, header, unmatched) for name in CONVERTED[layout]]
+    plans = [_plan(name, layout, config_name, header, path, unmatched) for name in CONVERTED[layout]]
     prefixes = tuple(LAYOUTS[layout].values())
     unmatched += [k for k in header if not k.startswith(prefixes) and not IGNORED.match(k)]
     if unmatched:
@@ -335,52 +337,47 @@ def stored_dtypes(sf: SingleFile, dtype=None) -> dict:
     return out
 
 
-def _package_file(*parts: str):
-    return resources.files("distrifusion_jax").joinpath(*parts)
-
-
-def write_tokenizers(folder: Path) -> None:
-    """tokenizer/ and tokenizer_2/ from the bundled CLIP vocabulary; tokenizer_2 pads with "!" (id 0), as SDXL's."""
-    assets = _package_file("assets", "clip-tokenizer")
-    base = json.loads(assets.joinpath("tokenizer_config.json").read_text())
-    for name, pad in (("tokenizer", base["pad_token"]), ("tokenizer_2", "!")):
-        out = folder / name
-        out.mkdir(parents=True, exist_ok=True)
-        for f in ("vocab.json", "merges.txt"):
-            (out / f).write_bytes(assets.joinpath(f).read_bytes())
-        (out / "tokenizer_config.json").write_text(json.dumps(dict(base, pad_token=pad), indent=2))
-        special = {k: base[k] for k in ("bos_token", "eos_token", "unk_token")}
-        (out / "special_tokens_map.json").write_text(json.dumps(dict(special, pad_token=pad), indent=2))
-
-
 def write_single_file(sf: SingleFile, out: Path, dtypes: dict, progress=None) -> dict:
-    """Write the planned file's conversion into the empty folder `out`: an SDXL pipeline folder (the four models,
-    the bundled tokenizers, scheduler and model_index.json), or for SD 1.x / 2.x the UNet folder. `progress(desc)`
-    gives a tensor progress wrapper. Returns every tensor written (for the summary line)."""
+    """Write the planned file's conversion into the empty folder `out`: a pipeline folder, SDXL's (the four
+    models) or SD 1.x / 2.x's (unet, vae, text_encoder), with the bundled tokenizers, scheduler and
+    model_index.json (`SingleFile.files_config`). `progress(desc)` gives a tensor progress wrapper. Returns every
+    tensor written (for the summary line)."""
     totals = {}
     for c in sf.components:
         bar = progress(f"  {c.name}") if progress else None
         flat = read_component(sf, c.name, dtypes[c.name], bar)
         source = f"{sf.path} ({c.prefix}*)"
-        write_converted(
-            out / c.name if sf.is_sdxl else out, flat, c.config, source, dtypes[c.name], progress=False
-        )
+        write_converted(out / c.name, flat, c.config, source, dtypes[c.name], progress=False)
         totals.update({f"{c.name}/{k}": v for k, v in flat.items()})
-    if sf.is_sdxl:
-        write_tokenizers(out)
-        (out / "scheduler").mkdir()
-        scheduler = _package_file("configs", SDXL_FILES, "scheduler", "scheduler_config.json").read_text()
-        (out / "scheduler" / "scheduler_config.json").write_text(scheduler)
-        index = json.loads(_package_file("configs", SDXL_FILES, "model_index.json").read_text())
-        index[NOTE_KEY] = {
-            "format_version": FORMAT_VERSION,
-            "dtype": dtypes["unet"],
-            "vae_dtype": dtypes["vae"],
-            "source": str(sf.path),
-            "config": sf.config_name,
-        }
-        (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    note = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtypes["unet"],
+        "vae_dtype": dtypes["vae"],
+        "source": str(sf.path),
+        "config": sf.config_name,
+    }
+    derived = [c.name for c in sf.components if c.derived]
+    if derived:  # their configs came from the file's shapes
+        note["derived_configs"] = derived
+    write_pipeline_files(out, sf.files_config, TOKENIZERS[sf.layout], note)
     return totals
+
+
+def sd2_note(sf: SingleFile, config: Optional[str]) -> str:
+    """For an SD 2.x file whose config was not named: that it was taken for a v-prediction model, and how to
+    choose an epsilon one (the keys cannot tell them apart)."""
+    if sf.layout != "sd2" or config is not None:
+        return ""
+    if (
+        preset_dict(sf.files_config, "scheduler", "scheduler_config.json")["prediction_type"]
+        != "v_prediction"
+    ):
+        return ""
+    return (
+        f"an SD 2.x file, taken for a v-prediction model ({sf.config_name}; SD 2.x 768), as diffusers does: its "
+        "keys cannot tell; for an epsilon model (SD 2.0 / 2.1 base, 512) convert it with --config / "
+        "config='sd-2.1-base'"
+    )
 
 
 # ---- converted once, kept in the cache folder ----
@@ -390,22 +387,36 @@ def single_file_cache(setting=None) -> Path:
     return (cache_dir(setting) or DEFAULT_DIR.expanduser()) / "single-file"
 
 
-def cached_pipeline(path, config: Optional[str] = None, cache=None) -> Path:
-    """The SDXL pipeline folder of a single-file checkpoint, converted on first use into `single_file_cache`
-    (keyed by the file's name, size and modification time and the config; stored in the file's own dtypes, so
-    nothing is lost) and reused afterwards. Every header check runs first; SD 1.x / 2.x files are refused."""
-    sf = plan_single_file(path, config)
-    if not sf.is_sdxl:
+def check_file_layout(path, layouts=SDXL_LAYOUTS) -> None:
+    """A one-line CheckpointError, from the header alone, when a single file is of no layout in `layouts` (those
+    the calling pipeline runs: SDXL_LAYOUTS or SD_LAYOUTS), naming the pipeline class that loads it."""
+    path = check_file(path)
+    layout = detect_layout(path, read_header(path))
+    if layout not in layouts:
+        runs = " / ".join(LAYOUT_NAMES[x] for x in layouts)
         raise CheckpointError(
-            f"{sf.path}: a {LAYOUT_NAMES[sf.layout]} checkpoint; the pipeline runs SDXL only: convert its UNet "
-            "with `distrifusion-jax convert FILE OUT` and load it with load_unet"
+            f"{path}: a {LAYOUT_NAMES[layout]} checkpoint, which {PIPELINE_CLASSES[layout]} loads; "
+            f"{PIPELINE_CLASSES[layouts[0]]} runs {runs} checkpoints only"
         )
+
+
+def cached_pipeline(path, config: Optional[str] = None, cache=None, layouts=None) -> Path:
+    """The pipeline folder (SDXL's, or SD 1.x / 2.x's) of a single-file checkpoint, converted on first use into
+    `single_file_cache` (keyed by the file's name, size and modification time and the config; stored in the
+    file's own dtypes, so nothing is lost) and reused afterwards. `layouts`: those the calling pipeline runs
+    (DistriSDXLPipeline: SDXL_LAYOUTS, DistriSDPipeline: SD_LAYOUTS; None: any); a file of another is refused in
+    one line naming the class that loads it (`check_file_layout`). Every header check runs first."""
+    if layouts is not None:
+        check_file_layout(path, layouts)
+    sf = plan_single_file(path, config)
     stat = sf.path.stat()
     key = repr((str(sf.path.resolve()), stat.st_size, stat.st_mtime_ns, sf.config_name, FORMAT_VERSION))
     folder = single_file_cache(cache) / f"{sf.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if (folder / "model_index.json").is_file():
         return folder
     print(f"converting {sf.path} once into {folder} (reused next time)", file=sys.stderr)
+    if sd2_note(sf, config):
+        print(f"note: {sd2_note(sf, config)}", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.partial-{secrets.token_hex(4)}")
     tmp.mkdir()
