@@ -7,6 +7,7 @@ From the shapes of a traced step (tools/abstract.py): abstract evaluation only, 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Optional
 
@@ -139,13 +140,19 @@ def reference_stale_bytes(seen: dict, patches: int) -> int:
 
 # ---- cross-check against the traced program's collectives ----
 def collectives(closed_jaxpr) -> list:
-    """Every collective in a jaxpr (nested ones included): dicts of primitive, axis, operand bytes, perm/size."""
-    found = []
+    """Every collective in a jaxpr (nested ones included): dicts of primitive, axis, operand bytes, perm/size,
+    `tiled` (an all_gather that concatenates, as the token gathers do, rather than stacks, as the statistics'
+    do), `times` (how often one run of the program runs it: the product of the lengths of the scans around
+    it) and `scan` (the outermost scan holding it: (its number in program order, its length); None outside
+    every scan)."""
+    found, outer = [], itertools.count()
 
-    def walk(jaxpr):
+    def walk(jaxpr, times, scan):
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             if name in ("ppermute", "all_gather", "all_gather_invariant"):
+                if times is None:
+                    raise NotImplementedError(f"{name} inside a while loop or cond is not accounted")
                 axes = eqn.params["axis_name"]
                 axes = axes if isinstance(axes, tuple) else (axes,)
                 if len(axes) != 1:
@@ -157,28 +164,37 @@ def collectives(closed_jaxpr) -> list:
                         bytes=nbytes(eqn.invars[0].aval),
                         perm=eqn.params.get("perm"),
                         size=eqn.params.get("axis_size"),
+                        tiled=bool(eqn.params.get("tiled", False)),
+                        times=times,
+                        scan=scan,
                     )
                 )
             elif name in ("psum", "psum_invariant", "all_to_all", "reduce_scatter", "pmax", "pmin"):
-                raise NotImplementedError(f"collective {name} in the displaced step is not accounted")
+                raise NotImplementedError(f"collective {name} in the program is not accounted")
+            if name == "scan":  # its body runs `length` times
+                length = eqn.params["length"]
+                inner = (times and times * length, (next(outer), length) if scan is None else scan)
+            else:  # a while loop's or cond's body runs an unknown number of times
+                inner = (None if name in ("while", "cond") else times, scan)
             for sub in jaxprs_in_params(eqn.params):
-                walk(sub)
+                walk(sub, *inner)
 
-    walk(closed_jaxpr.jaxpr)
+    walk(closed_jaxpr.jaxpr, 1, None)
     return found
 
 
 def collective_bytes(found: list, index: dict) -> tuple:
-    """(sent, received) bytes of the device at mesh `index` {axis: position} for collectives `found`."""
+    """(sent, received) bytes of the device at mesh `index` {axis: position} for collectives `found`, each
+    counted as often as it runs (`times`)."""
     sent = received = 0
     for c in found:
-        i = index[c["axis"]]
+        i, times = index[c["axis"]], c.get("times", 1)
         if c["primitive"] == "ppermute":
-            sent += c["bytes"] * sum(src == i for src, _ in c["perm"])
-            received += c["bytes"] * sum(dst == i for _, dst in c["perm"])
+            sent += times * c["bytes"] * sum(src == i for src, _ in c["perm"])
+            received += times * c["bytes"] * sum(dst == i for _, dst in c["perm"])
         else:  # all_gather: this device's operand goes to size - 1 others, theirs come here
-            sent += c["bytes"] * (c["size"] - 1)
-            received += c["bytes"] * (c["size"] - 1)
+            sent += times * c["bytes"] * (c["size"] - 1)
+            received += times * c["bytes"] * (c["size"] - 1)
     return sent, received
 
 

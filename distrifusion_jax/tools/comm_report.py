@@ -6,9 +6,13 @@
         --device-counts 2 4 --cfg-split both --dtype float16 --json report.json
     python -m distrifusion_jax.tools.comm_report --sizes 3840 --device-counts 8 --stale-kv hidden \\
         --stale-kv-dtype int8
+    python -m distrifusion_jax.tools.comm_report --img2img  # img2img at 2048 and 3840: VAE encode + refine
+        [--strength 0.3 --steps 50 --warmup-steps 4 --vae-dtype float32]
 
 Abstract evaluation only (jax.eval_shape / jit tracing and lowering with ShapeDtypeStruct parameters):
-no weights, no data, no compilation; fake CPU devices stand in for the mesh.
+no weights, no data, no compilation; fake CPU devices stand in for the mesh. `--img2img` reports the bytes
+of one img2img instead (tools/comm_img2img.py): the row-sharded VAE encode and the refine pass's loop, from
+the collectives of the traced programs.
 """
 
 from __future__ import annotations
@@ -17,20 +21,25 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 from ..config import DTYPE_NAMES
 from ..flags import FLAGS, add_distri_flags, run_command
-from ..models.presets import sdxl_base, unet_preset
+from ..models.presets import sdxl_base, sdxl_vae_config, unet_preset, vae_preset
 from ..models.unet import UNetConfig
+from ..models.vae import AutoencoderKL
+from . import comm_img2img
+from .abstract import Case, abstract_model, abstract_weights
 from .comm import report
-from .command import add_device_counts, cpu_devices, parser, positive
-from .fmt import fmt_bytes, ruled, write_json
+from .command import add_device_counts, add_img2img_flags, cpu_devices, parser, positive
+from .fmt import fmt_bytes, machine, ruled, write_json
 
 # DistriConfig's flags this report takes from flags.py: the others are swept (sizes, device counts, CFG split)
-# or do not change a displaced step's exchange
-DISTRI_FLAGS = ("mode", "stale_kv", "stale_kv_dtype")
+# or do not change a displaced step's exchange (the warmup only counts with --img2img: the refine's total)
+DISTRI_FLAGS = ("mode", "stale_kv", "stale_kv_dtype", "warmup_steps")
 TINY_SIZES = [(128, 128), (256, 256)]
 SIZES = [(1024, 1024), (2048, 2048), (3840, 3840)]
+IMG2IMG_SIZES = [(2048, 2048), (3840, 3840)]
 
 COLUMNS = ("halo", "K/V", "GN", "CFG/out", "total", "stale mem")
 NOTES = """\
@@ -110,7 +119,8 @@ def build_parser():
     model.add_argument(
         "--tiny",
         action="store_true",
-        help="the micro-sdxl preset (the smallest SDXL-shaped UNet) and small images: a quick check",
+        help="the micro-sdxl preset (the smallest SDXL-shaped UNet; with --img2img the tiny-sdxl VAE) and "
+        "small images: a quick check",
     )
     p.add_argument(
         "--sizes",
@@ -131,8 +141,15 @@ def build_parser():
         choices=DTYPE_NAMES,
         help="activation and parameter dtype (default bfloat16)",
     )
+    p.add_argument(
+        "--vae-dtype",
+        default="float32",
+        choices=DTYPE_NAMES,
+        help="with --img2img: the VAE's dtype (default float32, as SDXL's VAE asks)",
+    )
     p.add_argument("--batch", type=positive, default=1, help="images per prompt batch (default 1)")
     add_distri_flags(p, skip=set(FLAGS) - set(DISTRI_FLAGS))
+    add_img2img_flags(p, "the bytes of the row-sharded VAE encode and of the refine pass's loop instead")
     p.add_argument("--json", help="also write the numbers (bytes, FLOPs) to this JSON file")
     return p
 
@@ -148,12 +165,15 @@ def model_of(args) -> tuple:
 
 def run(args) -> list:
     """Print the tables (and write the JSON); returns the rows."""
+    refine = comm_img2img.Refine(args.steps, args.strength, args.warmup_steps)  # checked before any work
     # fake CPU devices for the mesh (before JAX starts its backend; 8 as tests/conftest.py sets it)
     jax.config.update("jax_platforms", "cpu")
     cpu_devices(max(8, *args.device_counts))
     config, name, sizes = model_of(args)
     splits = {"on": (True,), "off": (False,), "both": (True, False)}[args.cfg_split]
     start = time.perf_counter()
+    if args.img2img:
+        return run_img2img(args, config, name, refine, splits, start)
     progress = lambda r: print(
         f"  {r['width']}x{r['height']} N={r['devices']} "
         f"{'split' if r['cfg_split'] else 'no split'}: {time.perf_counter() - start:.1f} s",
@@ -179,6 +199,44 @@ def run(args) -> list:
     )
     if args.json:
         write_json(args.json, {"model": name, "rows": rows})
+        print(f"wrote {args.json}")
+    return rows
+
+
+def run_img2img(args, config, name, refine, splits, start) -> list:
+    """--img2img: the encode + refine table (and JSON); returns its rows."""
+    vae_config = vae_preset("tiny-sdxl") if args.tiny else sdxl_vae_config()
+    vae_name = "tiny-sdxl VAE" if args.tiny else "SDXL VAE"
+    dt = jnp.dtype(args.vae_dtype)
+    vae = AutoencoderKL(vae_config, dtype=dt, param_dtype=dt)
+    sizes = args.sizes or (TINY_SIZES if args.tiny else IMG2IMG_SIZES)
+    options = dict(dtype=args.dtype, mode=args.mode, batch=args.batch)
+    options.update(stale_kv=args.stale_kv, stale_kv_dtype=args.stale_kv_dtype)
+    cases = [
+        Case(config, h, w, n, split, **options)
+        for h, w in sizes
+        for split in splits
+        for n in args.device_counts
+    ]
+    progress = lambda r: print(
+        f"  {r['width']}x{r['height']} N={r['devices']}: {time.perf_counter() - start:.1f} s", flush=True
+    )
+    unet, params = abstract_model(config, args.dtype)
+    rows = comm_img2img.report(cases, unet, params, vae, abstract_weights(vae, dt), refine, progress)
+    print()
+    print(comm_img2img.format_table(rows, name, vae_name))
+    seconds = time.perf_counter() - start
+    print(f"\n{len(rows)} configurations in {seconds:.1f} s (abstract evaluation, JAX {jax.__version__})")
+    if args.json:
+        meta = dict(
+            platform=jax.devices()[0].platform,
+            machine=machine(),
+            fake_devices=jax.device_count(),
+            jax=jax.__version__,
+            date=time.strftime("%Y-%m-%d"),
+            seconds=round(seconds, 1),
+        )
+        write_json(args.json, {"model": name, "vae": vae_name, "meta": meta, "rows": rows})
         print(f"wrote {args.json}")
     return rows
 

@@ -52,3 +52,17 @@ def options_from(cls, args: argparse.Namespace):
 def add_device_counts(p: argparse.ArgumentParser, default: list, help: str) -> None:
     """A sweep tool's --device-counts (flags.py's --devices stays one count, as everywhere else)."""
     p.add_argument("--device-counts", type=positive, nargs="+", default=default, metavar="N", help=help)
+
+
+def add_img2img_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """A report's --img2img (`what` it then covers) and the refine pass's --steps and --strength."""
+    p.add_argument("--img2img", action="store_true", help=f"img2img: {what} (default sizes 2048 3840)")
+    p.add_argument(
+        "--steps", type=positive, default=50, help="with --img2img: the schedule's steps (default 50)"
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.3,
+        help="with --img2img: the refine's strength, the last int(steps * strength) steps run (default 0.3)",
+    )

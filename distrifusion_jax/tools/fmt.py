@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 
@@ -14,11 +16,6 @@ def fmt_bytes(n) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}" if n < 100 * scale else f"{n / scale:.0f} {unit}"
     return f"{int(n)} B"
-
-
-def gb(n) -> str:
-    """Bytes as GB, two decimals, six wide (the memory tables' cells)."""
-    return f"{n / 1e9:6.2f}"
 
 
 def ms(seconds) -> str:
@@ -34,3 +31,19 @@ def ruled(head: str) -> list:
 def write_json(path, data, indent: int = 1) -> None:
     """Write a report as JSON (the folder must exist)."""
     Path(path).write_text(json.dumps(data, indent=indent))
+
+
+def machine() -> str:
+    """This host in words for a report's metadata: its CPU model and the cores this process may use."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if cpuinfo.exists()
+        else []
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {cores} CPU cores"
