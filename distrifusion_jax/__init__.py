@@ -5,7 +5,7 @@ from .convert import convert_pipeline, convert_text_encoder, convert_unet, conve
 from .denoise import Denoiser, make_denoise_fn
 from .errors import CheckpointError, ConfigError, DistriFusionError, NonFiniteError, OutOfMemoryError
 from .models import UNet2DConditionModel, UNetConfig, sd15, sd21, sdxl_base
-from .pipeline import DistriSDXLPipeline
+from .pipeline import DistriPipeline, DistriSDPipeline, DistriSDXLPipeline
 from .schedulers import make_scheduler, scheduler_from_config
 from .weights import load_text_encoder, load_unet, load_vae, save_unet_diffusers
 
@@ -32,6 +32,8 @@ __all__ = [
     "Denoiser",
     "make_denoise_fn",
     "DistriSDXLPipeline",
+    "DistriSDPipeline",
+    "DistriPipeline",
     "make_scheduler",
     "scheduler_from_config",
 ]

@@ -22,14 +22,15 @@ def check_output_type(output_type) -> None:
         raise ConfigError(f"unknown output_type {short_repr(output_type)}: use 'pil', 'np' or 'latent'")
 
 
-def check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2) -> int:
-    """The batch size (number of prompts); the other prompt arguments, when given, must fit it."""
-    if prompt is None:
+def check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, embeds_batch=None) -> int:
+    """The batch size (number of prompts, or of prompt_embeds rows: `embeds_batch`); the other prompt arguments,
+    when given, must fit it."""
+    if prompt is None and embeds_batch is None:
         raise ConfigError(
-            "prompt=None is not supported: pass a str or a non-empty list of str (precomputed "
-            "prompt embeddings are not accepted)"
+            "prompt=None is not supported: pass a str or a non-empty list of str, or prompt_embeds "
+            "(with pooled_prompt_embeds for SDXL)"
         )
-    batch = len(as_list(prompt))
+    batch = len(as_list(prompt)) if embeds_batch is None else embeds_batch
     for name, value in (
         ("prompt_2", prompt_2),
         ("negative_prompt", negative_prompt),
@@ -202,3 +203,50 @@ def check_image(image, n_images: int, dc: DistriConfig) -> np.ndarray:
                 "and in [0, 1] (or pass uint8)"
             )
     return 2.0 * arr - 1.0
+
+
+def check_image_or_latents(image, n_images: int, dc: DistriConfig) -> tuple:
+    """(pixels [b, H, W, 3] in [-1, 1], None) for an image (`check_image`), or (None, latents (b, 4, H/8, W/8)
+    float32) for an array shaped like latents at the DistriConfig's size (another pipeline's output_type="latent",
+    e.g. SDXL's base before its refiner); b divides the number of images."""
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) == 4 and shape[1] == 4 and shape[-1] != 3:
+        latents = check_latents(
+            image, (shape[0], 4, dc.latent_height, dc.latent_width), dc, "image (latents)"
+        )
+        if n_images % len(latents):
+            raise ConfigError(
+                f"{len(latents)} latents for {n_images} generated image(s): pass one per generated image "
+                "(or a number that divides it)"
+            )
+        return None, latents
+    return check_image(image, n_images, dc), None
+
+
+def denoising_split(sched, steps: int, start, end, name: str) -> tuple:
+    """(first step, stop) of the `steps`-step schedule for diffusers' `denoising_start` / `denoising_end`, a
+    fraction in (0, 1) of the training timesteps: the base stops before the first timestep below the cutoff
+    round(T - end * T); the refiner runs the timesteps below round(T - start * T). None: the whole schedule."""
+    value = start if end is None else end
+    if value is None:
+        return 0, steps
+    fraction = float_arg(name, value)
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(
+            f"{name}={short_repr(value)} is not supported: pass a fraction in (0, 1) of the denoising (e.g. 0.8: "
+            "the base runs the first 80%, the refiner the rest)"
+        )
+    n_train = sched.num_train_timesteps
+    cutoff = int(round(n_train - fraction * n_train))
+    timesteps = np.asarray(sched.timesteps(steps))
+    if end is not None:
+        stop = int((timesteps >= cutoff).sum())
+        if stop == 0:
+            raise ConfigError(f"{name}={fraction:g} with {steps} steps runs no step: raise it or the steps")
+        return 0, stop
+    run = int((timesteps < cutoff).sum())
+    if run == 0:
+        raise ConfigError(
+            f"{name}={fraction:g} with {steps} steps leaves no step to run: lower it or raise the steps"
+        )
+    return steps - run, steps

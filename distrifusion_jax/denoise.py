@@ -42,7 +42,9 @@ class Denoiser:
     Built once per (model, DistriConfig, scheduler, steps, guidance, first step); `__call__` is jitted, so
     a second call with the same shapes reuses the compiled program. `first_step` > 0 starts the schedule
     of `num_inference_steps` steps there (img2img: the latents given are noised to that step's level),
-    running steps first_step .. num_inference_steps - 1; the warmup counts from the first step run.
+    running steps first_step .. num_inference_steps - 1; the warmup counts from the first step run. `stop_step`
+    (default: the whole schedule) ends the run before that step (SDXL's base + refiner split, diffusers'
+    `denoising_end`): the latents come back as the scheduler leaves them after step stop_step - 1.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class Denoiser:
         guidance_rescale: float = 0.0,
         progress=None,
         first_step: int = 0,
+        stop_step: Optional[int] = None,
     ):
         self.unet, self.config, self.scheduler = unet, distri_config, scheduler
         self.guidance_scale = float(guidance_scale)  # default; each call may pass another (traced)
@@ -69,7 +72,15 @@ class Denoiser:
                 f"in [0, {self.num_steps})"
             )
         self.first_step = int(first_step)
-        self.num_run = self.num_steps - self.first_step  # steps this loop runs
+        stop = self.num_steps if stop_step is None else stop_step
+        is_int = isinstance(stop, (int, np.integer)) and not isinstance(stop, bool)
+        if not (is_int and self.first_step < stop <= self.num_steps):
+            raise DistriFusionError(
+                f"stop_step={stop_step!r} does not end a run that starts at step {self.first_step} of the "
+                f"{self.num_steps}-step schedule: pass an int in ({self.first_step}, {self.num_steps}]"
+            )
+        self.stop_step = int(stop)
+        self.num_run = self.stop_step - self.first_step  # steps this loop runs
         self.devices = distri_config.resolve_devices()
         self.cfg_size, self.patches = distri_config.layout(len(self.devices))
         distri_config.check_model(unet.config, len(self.devices))
@@ -91,6 +102,9 @@ class Denoiser:
         # progress(i, n): with None the whole loop is one program (lax.scan); otherwise the host calls one
         # program per step and reports each as it finishes (`_stepwise`), so no program holds a host callback
         self.progress = progress
+        # on_step(i, latents): with progress, called after step i with its latents, before the next step's
+        # program takes (and donates) them; set by the pipeline for a per-step callback
+        self.on_step: Optional[Callable] = None
         self._jitted = jax.jit(self._run)  # the whole loop, for abstract lowering (tools/abstract.py)
         self._executables: dict = {}  # (program, input shapes/dtypes/placements) -> compiled program
         self._finite = None  # per step and band of the last call: were the latents after that step finite?
@@ -151,6 +165,7 @@ class Denoiser:
                 self.guidance_rescale,
                 self.cfg,
                 self.first_step,
+                self.stop_step,
             )
         )
 
@@ -251,7 +266,7 @@ class Denoiser:
         """[(step function, first step, stop, stale_init)] of the run: on one device's band when there is a mesh
         (called inside shard_map), else the whole latents. A step function maps (params, stale, x, t, ehs,
         added, i, scale) to (eps, stale); stale_init makes the first stale state (None: there is none)."""
-        first, n = self.first_step, self.num_steps
+        first, n = self.first_step, self.stop_step
         if self.mesh is None:  # one device, or tensor parallelism (the same loop under GSPMD)
             unet = self.model(None) if self.tensor is None else self.tensor.wrap(self.model(None))
             fn = lambda p, s, x, t, e, a, i, g: (self.eps(unet, p, None, x, t, e, a, g)[0], None)
@@ -374,6 +389,8 @@ class Denoiser:
             for _ in range(first, stop):
                 *carry, ok = program(params, *carry, *rest)
                 finite.append(ok)
+                if self.on_step is not None:  # before the next step donates the latents
+                    self.on_step(self.first_step + len(finite) - 1, carry[0])
                 if len(finite) > 1:
                     self._finished(finite[-2], len(finite) - 1)
         self._finished(finite[-1], self.num_run)

@@ -25,8 +25,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="demo",
-        help="SDXL pipeline folder (diffusers or converted), hub id, or 'demo' (default: the bundled demo "
-        "model, 256x256 scenes of coloured shapes)",
+        help="pipeline folder (SDXL or SD 1.x / 2.x, diffusers or converted; the pipeline class is picked from "
+        "it), single-file checkpoint, hub id, or 'demo' (default: the bundled demo model, 256x256 scenes of "
+        "coloured shapes)",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--prompt-2", default=None, help="prompt for the second text encoder (default: --prompt)")
@@ -75,6 +76,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="high-res fix: the refine pass's steps (default --steps)",
+    )
+    p.add_argument(
+        "--refiner",
+        default=None,
+        metavar="PATH",
+        help="SDXL's refiner (a pipeline folder or hub id): the base runs the high-noise part of the schedule, "
+        "the refiner the rest, on the same devices (diffusers' denoising_end / denoising_start)",
+    )
+    p.add_argument(
+        "--refiner-start",
+        type=float,
+        default=0.8,
+        metavar="FRACTION",
+        help="with --refiner: the fraction of the denoising the base runs, in (0, 1) (default 0.8)",
     )
     p.add_argument(
         "--lora",
@@ -179,7 +194,7 @@ def run(args) -> None:
     configs, size, steps, tiles, kernels), so a mistake costs seconds, not a load and a compilation.
     """
     from .distributed import initialize, is_main_process
-    from .pipeline import DistriSDXLPipeline
+    from .pipeline import DistriPipeline, DistriSDXLPipeline
     from .preflight import read_model, resolve_model_path
 
     check_numbers(args)
@@ -204,6 +219,7 @@ def run(args) -> None:
     check_model_fit(args, config, files, devices)
     if base is not None:
         dataclasses.replace(config, height=base[0], width=base[1]).check_model(files.unet, len(devices))
+    refiner = check_refiner(args, files, config, devices)
     image = read_image(args)
     loras = check_loras(args.lora, files.root)
     if main:
@@ -211,8 +227,8 @@ def run(args) -> None:
     import jax.numpy as jnp
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    pipe = DistriSDXLPipeline.from_pretrained(
-        files.root,
+    load = lambda cls, root: cls.from_pretrained(  # noqa: E731
+        root,
         config,
         dtype=dtype,
         scheduler=args.scheduler,
@@ -221,9 +237,12 @@ def run(args) -> None:
         vae_attention_impl=args.vae_attention,
         decode_tile_rows=args.decode_tile_rows,
     )
+    pipe = load(DistriPipeline, files.root)
     for adapter, scale in loras:
         pipe.load_lora(adapter, scale)
-    out = generate(pipe, args, main, image, base)
+    if refiner is not None:
+        refiner = load(DistriSDXLPipeline, refiner.root)
+    out = generate(pipe, args, main, image, base, refiner)
     if main:
         save_image(out.images[0], args.output, fmt, args.overwrite)
         t = out.timings
@@ -253,9 +272,9 @@ def announce(args, devices, processes: int, cfg: int, patches: int) -> None:
     )
 
 
-def generate(pipe, args, main: bool, image=None, base=None):
-    """Run the pipeline with a progress bar (process 0 only; one per pass of the high-res fix) and return its
-    output."""
+def generate(pipe, args, main: bool, image=None, base=None, refiner=None):
+    """Run the pipeline with a progress bar (process 0 only; one per pass of the high-res fix, or of the base and
+    the refiner) and return its output."""
     from tqdm.auto import tqdm
 
     if main:
@@ -298,6 +317,26 @@ def generate(pipe, args, main: bool, image=None, base=None):
                 base_progress=bar("base pass"),
                 **common,
             )
+        if refiner is not None:
+            split = args.refiner_start
+            mid = pipe(
+                args.prompt,
+                num_inference_steps=args.steps,
+                denoising_end=split,
+                output_type="latent",
+                progress=bar("base"),
+                **common,
+            )
+            out = refiner(
+                args.prompt,
+                image=mid.images,
+                num_inference_steps=args.steps,
+                denoising_start=split,
+                progress=bar("refiner"),
+                **common,
+            )
+            out.timings = {k: out.timings[k] + mid.timings.get(k, 0) for k in out.timings if k != "compiled"}
+            return out
         extra = {} if image is None else dict(image=image, strength=args.strength)
         return pipe(args.prompt, num_inference_steps=args.steps, progress=bar("denoising"), **common, **extra)
     except DistriFusionError:
@@ -311,7 +350,8 @@ def generate(pipe, args, main: bool, image=None, base=None):
 
 # ---- checks before anything slow ----
 def steps_run(args, base, image) -> int:
-    """Denoising steps of the (last) pass: img2img and the high-res fix's refine run the last part of theirs."""
+    """Denoising steps of the (last) pass: img2img and the high-res fix's refine run the last part of theirs (with
+    --refiner, the timings cover both passes: all --steps)."""
     if base is not None:
         steps, strength = args.hires_steps or args.steps, args.hires_strength
     elif image is not None:
@@ -338,6 +378,30 @@ def hires_sizes(args):
     base = (args.height, args.width)
     args.height = args.width = args.hires_size
     return base
+
+
+def check_refiner(args, files, config: DistriConfig, devices):
+    """--refiner: its folder's configuration files (an SDXL pipeline, its size rule on this layout, the split of the
+    schedule), read before any weight; None without it."""
+    from .arguments import denoising_split
+    from .preflight import make_scheduler_of, read_model, resolve_model_path
+
+    if args.refiner is None:
+        return None
+    if args.image is not None or args.hires_size is not None:
+        raise ConfigError(
+            "--refiner with --image or --hires-size: pass one (the refiner finishes the base's image)"
+        )
+    if files.family != "sdxl":
+        raise ConfigError(f"--refiner: {args.model} is not an SDXL model; the refiner finishes SDXL's base")
+    refiner = read_model(resolve_model_path(args.refiner, args.compile_cache))
+    if refiner.family != "sdxl":
+        raise ConfigError(f"--refiner {args.refiner}: not an SDXL pipeline (SDXL's refiner is one)")
+    config.check_model(refiner.unet, len(devices))
+    sched = make_scheduler_of(files, args.scheduler)
+    denoising_split(sched, args.steps, None, args.refiner_start, "--refiner-start")
+    denoising_split(sched, args.steps, args.refiner_start, None, "--refiner-start")
+    return refiner
 
 
 def read_image(args):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 
 from .config import DistriConfig
 from .denoise import Denoiser
-from .errors import NonFiniteError
+from .errors import NonFiniteError, OutOfMemoryError
 
 
 def check_denoised(d: Denoiser, latents: np.ndarray, sched, unet_dtype, guidance_scale: float) -> None:
@@ -93,3 +94,43 @@ def out_of_memory_message(
         f"{devices[0].platform} device(s) ({', '.join(facts)}; measured SDXL peaks: docs/benchmarks.md 'Memory at high "
         f"resolution'): use less with {', '.join(options)}"
     )
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(pipe, stage: str, dc: DistriConfig, n_images: int, do_cfg: bool, devices):
+    """Turn a device's RESOURCE_EXHAUSTED inside the block into one OutOfMemoryError line (size, devices,
+    options that use less); any other runtime error passes through unchanged."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        weights = ("UNet", pipe.unet_params) if stage == "denoising" else ("VAE", pipe.vae_params)
+        raise OutOfMemoryError(
+            out_of_memory_message(
+                stage, dc, n_images, do_cfg, devices, str(e), weights, memory_options(pipe, stage, dc)
+            )
+        ) from None
+
+
+def memory_options(pipe, stage: str, dc: DistriConfig) -> list:
+    """The options that lower `stage`'s per-device memory and are not in effect already."""
+    if stage == "the VAE encode":
+        return [
+            "more devices (the encode is row-sharded over them)",
+            "vae_attention_impl='chunked' (--vae-attention chunked)",
+        ]
+    if stage != "denoising":
+        return [
+            "more devices (the decode is row-sharded over them)",
+            "decode_tile_rows=64 (--decode-tile-rows 64) where it runs on one device",
+            "vae_attention_impl='chunked' (--vae-attention chunked)",
+        ]
+    opts = ["more devices", "attention_impl='chunked' (--attention chunked)"]
+    if dc.stale_kv != "hidden":
+        opts.append("DistriConfig(stale_kv='hidden') (--stale-kv hidden)")
+    if dc.stale_kv_dtype != "int8":
+        opts.append("stale_kv_dtype='int8' (--stale-kv-dtype int8)")
+    if jnp.dtype(pipe.unet.dtype).itemsize > 2:
+        opts.append("dtype=jnp.bfloat16 (--dtype bfloat16)")
+    return opts

@@ -3,7 +3,6 @@ embeddings -> sharded latents -> DistriFusion loop -> VAE decode -> images."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any, Optional, Sequence
@@ -17,11 +16,12 @@ from PIL import Image
 
 from .arguments import (
     SEED_LIMIT,
-    check_image,
+    check_image_or_latents,
     check_latents,
     check_output_type,
     check_prompts,
     check_strength,
+    denoising_split,
     float_arg,
     int_arg,
     micro_conditioning,
@@ -32,14 +32,15 @@ from .config import DistriConfig
 from .decode import Decoder, Encoder
 from .denoise import Denoiser
 from .distributed import check_local_share, replicate, spans_processes, to_host
-from .errors import ConfigError, OutOfMemoryError
-from .guards import check_decoded, check_denoised, is_out_of_memory, out_of_memory_message
+from .errors import ConfigError
+from .guards import check_decoded, check_denoised, out_of_memory_as_error
 from .parallel import make_mesh
 from .preflight import check_pretrained, check_schedule
-from .prompts import PromptEncoder, short_repr
+from .prompts import PromptEncoder, check_given_embeds, short_repr
 from .schedulers import make_scheduler, scheduler_from_config
-from .weights import fuse_lora, load_text_encoder, load_unet, read_lora, unfuse_lora
+from .weights import load_text_encoder, load_unet
 from .weights.vae import load_vae
+from .workflows import Workflows
 
 
 @dataclasses.dataclass
@@ -55,8 +56,12 @@ class PipelineOutput:
     timings: dict
 
 
-class DistriSDXLPipeline:
-    """Stable Diffusion XL with displaced patch parallelism over the devices of a DistriConfig."""
+class DistriPipeline(Workflows):
+    """A diffusion pipeline with displaced patch parallelism over the devices of a DistriConfig: SDXL (base or
+    refiner: `DistriSDXLPipeline`) or SD 1.x / 2.x (`DistriSDPipeline`), told apart by the UNet's
+    micro-conditioning. `DistriPipeline.from_pretrained` returns whichever class the folder holds."""
+
+    family: Optional[str] = None  # "sdxl" | "sd" in the subclasses; None here: any
 
     def __init__(
         self,
@@ -73,10 +78,16 @@ class DistriSDXLPipeline:
         scheduler: Optional[str] = None,
         parallel_decode: bool = True,
         decode_tile_rows=None,
+        encoder_names=("text_encoder", "text_encoder_2"),
+        requires_aesthetics_score: bool = False,
     ):
         self.unet, self.unet_params = unet, unet_params
         self.vae, self.vae_params = vae, vae_params
-        self.prompt_encoder = PromptEncoder(tokenizers, text_encoders, text_params)
+        self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        layer = "penultimate" if self.is_sdxl else "last"
+        self.prompt_encoder = PromptEncoder(tokenizers, text_encoders, text_params, layer)
+        self.encoder_names = tuple(encoder_names)  # the text encoders' folders (LoRA names them so)
+        self.requires_aesthetics_score = requires_aesthetics_score  # the refiner's time ids
         self.scheduler_config = scheduler_config
         self.default_scheduler = scheduler
         self.scheduler_for(scheduler)  # fail now on an unknown name or class
@@ -143,6 +154,7 @@ class DistriSDXLPipeline:
             compilation_cache,
             parallel_decode,
             decode_tile_rows,
+            cls.family,
         )
         enable_compilation_cache(compilation_cache)
         root = files.root
@@ -167,11 +179,11 @@ class DistriSDXLPipeline:
             sharding=replicated if parallel_decode else None,
         )
         encoders, text_params = [], []
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in files.encoders:
             model, params = load_text_encoder(root / name, dtype=dtype, variant=variant)
             encoders.append(model)
             text_params.append(params)
-        return cls(
+        return FAMILIES[files.family](
             unet,
             unet_params,
             vae,
@@ -181,88 +193,13 @@ class DistriSDXLPipeline:
             files.tokenizers,
             files.scheduler,
             distri_config,
-            files.index.get("force_zeros_for_empty_prompt", True),
+            files.index.get("force_zeros_for_empty_prompt", files.family == "sdxl"),
             scheduler,
             parallel_decode,
             decode_tile_rows,
+            files.encoders,
+            files.aesthetic,
         )
-
-    # ---- LoRA ----
-    def _lora_params(self) -> dict:
-        texts = self.prompt_encoder.params
-        return {"unet": self.unet_params, "text_encoder": texts[0], "text_encoder_2": texts[1]}
-
-    def _set_lora_params(self, params: dict) -> None:
-        self.unet_params = params["unet"]
-        self.prompt_encoder.params = [params["text_encoder"], params["text_encoder_2"]]
-
-    def load_lora(self, path, scale: float = 1.0) -> "DistriSDXLPipeline":
-        """Fuse a LoRA (kohya or diffusers/peft safetensors; UNet and both text encoders, linear and conv
-        layers) into the weights: W + scale * alpha / rank * up @ down, in float32, cast back to the weights'
-        dtype and placement. No per-step cost and no recompilation (the weights are the programs'
-        arguments). Several adapters stack; `unload_lora()` restores the weights before all of them, bit for
-        bit. A LoRA that fits no layer of this model, or with a wrong rank, is one CheckpointError line."""
-        scale = float_arg("scale", scale)
-        params, self._lora_undo = fuse_lora(self._lora_params(), read_lora(path), scale, self._lora_undo)
-        self._set_lora_params(params)
-        return self
-
-    def unload_lora(self) -> "DistriSDXLPipeline":
-        """Every fused LoRA taken out: the weights as loaded, bit for bit (a no-op without one)."""
-        if self._lora_undo is not None:
-            self._set_lora_params(unfuse_lora(self._lora_params(), self._lora_undo))
-            self._lora_undo = None
-        return self
-
-    # ---- the high-res fix ----
-    def hires_fix(
-        self,
-        prompt,
-        base_size,
-        strength: float = 0.3,
-        num_inference_steps: int = 50,
-        base_steps: Optional[int] = None,
-        progress=None,
-        base_progress=None,
-        output_type: str = "pil",
-        **kwargs,
-    ) -> PipelineOutput:
-        """The "high-res fix": a base pass at `base_size` (an int, or (height, width): the model's native size,
-        where it composes well), its images upscaled in pixels (Lanczos) to the DistriConfig's size, then
-        refined by img2img there (`strength`, `num_inference_steps`): the refine pass at high resolution is
-        where patch parallelism pays. Both passes run on the DistriConfig's devices (the base one in the same
-        layout at its own size). `kwargs`: the rest of `__call__`'s arguments (prompt_2, negative prompts,
-        guidance, seed, scheduler, ...), used by both passes; `base_steps` defaults to `num_inference_steps`;
-        `progress` / `base_progress` as `__call__`'s. Timings of the base pass come back prefixed `base_`."""
-        check_output_type(output_type)
-        height, width = (base_size, base_size) if isinstance(base_size, int) else tuple(base_size)
-        base_config = dataclasses.replace(self.distri_config, height=height, width=width)
-        base_config.check_model(self.unet.config, len(base_config.resolve_devices()))
-        steps = int_arg("base_steps", num_inference_steps if base_steps is None else base_steps, 1)
-        with self._using(base_config):
-            base = self(prompt, num_inference_steps=steps, progress=base_progress, **kwargs)
-        dc = self.distri_config
-        images = [im.resize((dc.width, dc.height), Image.LANCZOS) for im in base.images]
-        out = self(
-            prompt,
-            image=images,
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            progress=progress,
-            output_type=output_type,
-            **kwargs,
-        )
-        out.timings = {**{f"base_{k}": v for k, v in base.timings.items()}, **out.timings}
-        return out
-
-    @contextlib.contextmanager
-    def _using(self, config: DistriConfig):
-        """This pipeline with another DistriConfig (another size) inside the block."""
-        kept, self.distri_config = self.distri_config, config
-        try:
-            yield
-        finally:
-            self.distri_config = kept
 
     def scheduler_for(self, name: Optional[str] = None):
         name = name or self.default_scheduler
@@ -280,13 +217,22 @@ class DistriSDXLPipeline:
         guidance_rescale: float,
         progress=None,
         first_step: int = 0,
+        stop_step: Optional[int] = None,
     ) -> Denoiser:
         """The loop for this (config, scheduler, steps, rescale, first step), built once and reused.
 
         Building it checks the device layout and the size against the UNet but compiles nothing: the
         program is compiled on the first call with given input shapes.
         """
-        key = (distri_config, scheduler, steps, float(guidance_rescale), progress is not None, first_step)
+        key = (
+            distri_config,
+            scheduler,
+            steps,
+            float(guidance_rescale),
+            progress is not None,
+            first_step,
+            stop_step,
+        )
         if key not in self._denoisers:
             self._denoisers[key] = Denoiser(
                 self.unet,
@@ -296,6 +242,7 @@ class DistriSDXLPipeline:
                 guidance_rescale=guidance_rescale,
                 progress=progress,
                 first_step=first_step,
+                stop_step=stop_step,
             )
         d = self._denoisers[key]
         d.progress = progress
@@ -304,7 +251,7 @@ class DistriSDXLPipeline:
     # ---- generation ----
     def __call__(
         self,
-        prompt,
+        prompt=None,
         prompt_2=None,
         negative_prompt=None,
         negative_prompt_2=None,
@@ -323,6 +270,15 @@ class DistriSDXLPipeline:
         image=None,
         strength: float = 0.3,
         image_noise=None,
+        prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        denoising_start: Optional[float] = None,
+        denoising_end: Optional[float] = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        callback=None,
     ) -> PipelineOutput:
         """Generate images; the size and the device layout come from the DistriConfig.
 
@@ -334,40 +290,101 @@ class DistriSDXLPipeline:
         drawn from the seed; zeros: the posterior mean), noised to the level of step t_start = steps - min(int(steps
         * strength), steps) with `latents` (the unit noise diffusers draws after the posterior sample; None: from
         the seed), and denoised from there (the last steps - t_start steps of the schedule, the warmup counted from
-        t_start; `strength` and `image_noise` are used only with an image). `progress(i, n)` is called with i = 0 when
-        denoising starts (after compiling) and then as each step completes (i = 1 .. n, n the steps run); the loop
-        then runs as one compiled program per step. Every argument is checked before any encoding or compiling (a
-        one-line ConfigError); latents or an image that went NaN or infinite raise NonFiniteError, a device out of
-        memory OutOfMemoryError. In a multi-process run (`distributed.initialize`) every process calls this with the
-        same arguments and gets the same images (gathered from the global mesh; only process 0 needs to use them).
+        t_start; `strength` and `image_noise` are used only with an image). `image` may also be latents (B, 4, H/8,
+        W/8), such as another pipeline's output_type="latent": used as they are, without the VAE.
+
+        SDXL's base + refiner ("ensemble of experts", as diffusers): `denoising_end` (a fraction in (0, 1)) stops the
+        schedule where the timesteps fall below (1 - denoising_end) x the training timesteps (give
+        output_type="latent"); `denoising_start` with `image=` those latents starts the schedule there, without
+        adding noise (strength is then ignored). `aesthetic_score` / `negative_aesthetic_score`: the refiner's
+        micro-conditioning (a UNet whose time ids carry one; ignored otherwise).
+
+        `prompt_embeds` [B, 77, D] (and `pooled_prompt_embeds` [B, P] for SDXL, `negative_prompt_embeds` /
+        `negative_pooled_prompt_embeds`): embeddings the caller computed, as diffusers' `encode_prompt` returns
+        them, in place of `prompt` (and `negative_prompt`); without negative ones the negative is as for no
+        negative prompt.
+
+        `progress(i, n)` is called with i = 0 when denoising starts (after compiling) and then as each step
+        completes (i = 1 .. n, n the steps run); the loop then runs as one compiled program per step.
+        `callback(i, t, latents)`: after each step, with the step's index in the schedule, its timestep and the
+        latents after it as a float32 numpy array (B, 4, H/8, W/8) (a copy: changing it changes nothing); it also
+        runs the loop step by step, and waits for each step.
+
+        Every argument is checked before any encoding or compiling (a one-line ConfigError); latents or an image
+        that went NaN or infinite raise NonFiniteError, a device out of memory OutOfMemoryError. In a
+        multi-process run (`distributed.initialize`) every process calls this with the same arguments and gets the
+        same images (gathered from the global mesh; only process 0 needs to use them).
         """
         check_output_type(output_type)
-        batch = check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2)
+        given_embeds, given = check_given_embeds(
+            {
+                "embeds": prompt_embeds,
+                "pooled": pooled_prompt_embeds,
+                "negative_embeds": negative_prompt_embeds,
+                "negative_pooled": negative_pooled_prompt_embeds,
+            },
+            {
+                "prompt": prompt,
+                "prompt_2": prompt_2,
+                "negative_prompt": negative_prompt,
+                "negative_prompt_2": negative_prompt_2,
+            },
+            self.unet.config.cross_attention_dim[0],
+            self.pooled_width,
+        )
+        batch = check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, given_embeds)
         per_prompt = int_arg("num_images_per_prompt", num_images_per_prompt, 1)
         seed = int_arg("seed", seed, 0, SEED_LIMIT, "2**63")
         guidance_scale = float_arg("guidance_scale", guidance_scale)
         guidance_rescale = float_arg("guidance_rescale", guidance_rescale, 0.0, 1.0)
-        if progress is not None and not callable(progress):
-            raise ConfigError(
-                f"progress={short_repr(progress)} is not callable: pass a function progress(i, n) or None"
-            )
+        for name, fn, signature in (
+            ("progress", progress, "progress(i, n)"),
+            ("callback", callback, "callback(i, t, latents)"),
+        ):
+            if fn is not None and not callable(fn):
+                raise ConfigError(
+                    f"{name}={short_repr(fn)} is not callable: pass a function {signature} or None"
+                )
         dc = self.distri_config
         do_cfg = guidance_scale > 1.0
         if dc.do_classifier_free_guidance != do_cfg:
             dc = dataclasses.replace(dc, do_classifier_free_guidance=do_cfg)
         n_images = batch * per_prompt
-        time_ids = micro_conditioning(dc, original_size, crops_coords_top_left, target_size)
+        time_ids = self._time_ids(
+            dc, original_size, crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score
+        )
         sched = self.scheduler_for(scheduler)
         steps = check_schedule(sched, num_inference_steps)
         latent_shape = (4, dc.latent_height, dc.latent_width)
         latents = check_latents(latents, (n_images, *latent_shape), dc)
-        first, pixels = 0, None
+        first, stop = 0, denoising_split(sched, steps, None, denoising_end, "denoising_end")[1]
+        pixels = given_latents = None
+        if denoising_start is not None and image is None:
+            raise ConfigError(
+                "denoising_start without image: pass the latents the base pipeline returned (output_type="
+                "'latent', denoising_end) as image="
+            )
         if image is not None:
-            first = check_strength(strength, steps)
-            pixels = check_image(image, n_images, dc)
-            image_noise = check_latents(image_noise, (len(pixels), *latent_shape), dc, "image_noise")
+            if denoising_start is not None:
+                first = denoising_split(sched, steps, denoising_start, None, "denoising_start")[0]
+            else:
+                first = check_strength(strength, steps)
+            if stop <= first:
+                raise ConfigError(
+                    f"denoising_end={denoising_end} ends the schedule at step {stop}, before the first step run "
+                    f"({first}): no step would run; raise denoising_end, or lower strength / denoising_start"
+                )
+            pixels, given_latents = check_image_or_latents(image, n_images, dc)
+            if given_latents is not None and image_noise is not None:
+                raise ConfigError(
+                    "image_noise samples a pixel image's VAE posterior; image= holds latents: leave it out"
+                )
+            if pixels is not None:
+                image_noise = check_latents(image_noise, (len(pixels), *latent_shape), dc, "image_noise")
         # layout checks; nothing compiled yet
-        d = self.denoiser(dc, sched, steps, guidance_rescale, progress, first)
+        stepwise = progress if progress is not None else (None if callback is None else (lambda i, n: None))
+        d = self.denoiser(dc, sched, steps, guidance_rescale, stepwise, first, stop)
+        d.on_step = None if callback is None else self._on_step(callback, d)
 
         timings, clock, t0 = {}, CompileClock(), time.perf_counter()
         embeds, pooled = self.prompt_encoder(
@@ -379,8 +396,13 @@ class DistriSDXLPipeline:
             do_cfg,
             self.force_zeros_for_empty_prompt,
             per_prompt,
+            given,
         )
-        time_ids = jnp.tile(jnp.asarray([time_ids], jnp.float32), (embeds.shape[0], 1))
+        added = None
+        if self.is_sdxl:
+            rows = [time_ids[1]] * (embeds.shape[0] // (2 if do_cfg else 1))
+            rows = [time_ids[0]] * len(rows) + rows if do_cfg else rows
+            added = {"text_embeds": pooled, "time_ids": jnp.asarray(rows, jnp.float32)}
         if latents is None:
             noise = jax.random.normal(
                 prng_key(seed), (n_images, dc.latent_height, dc.latent_width, 4), jnp.float32
@@ -389,26 +411,30 @@ class DistriSDXLPipeline:
             noise = jnp.asarray(latents.transpose(0, 2, 3, 1))
         timings["encode_s"], compile_s = self._lap(t0, clock, 0.0)
 
-        if pixels is None:
+        if image is None:
             start = noise * sched.init_noise_sigma(steps)
         else:
             t0 = time.perf_counter()
-            with self.out_of_memory_as_error("the VAE encode", dc, len(pixels), False, self.encoder.devices):
-                start = self._image_latents(pixels, image_noise, noise, sched, steps, first, seed)
+            with out_of_memory_as_error(self, "the VAE encode", dc, n_images, False, self.encoder.devices):
+                start = self._image_latents(
+                    pixels,
+                    given_latents,
+                    image_noise,
+                    noise,
+                    sched,
+                    steps,
+                    first,
+                    seed,
+                    denoising_start is None,
+                )
                 start = jax.block_until_ready(start)
             if spans_processes(d.devices):  # every process holds the same values: placed by the Denoiser
                 start = to_host(start)
             timings["image_encode_s"], compile_s = self._lap(t0, clock, compile_s)
 
         t0 = time.perf_counter()
-        with self.out_of_memory_as_error("denoising", dc, n_images, do_cfg, d.devices):
-            out = d(
-                self.unet_params,
-                start,
-                embeds,
-                {"text_embeds": pooled, "time_ids": time_ids},
-                guidance_scale=guidance_scale,
-            )
+        with out_of_memory_as_error(self, "denoising", dc, n_images, do_cfg, d.devices):
+            out = d(self.unet_params, start, embeds, added, guidance_scale=guidance_scale)
             out = jax.block_until_ready(out)
             host_latents = to_host(out)
         check_denoised(d, host_latents, sched, self.unet.dtype, guidance_scale)
@@ -418,7 +444,7 @@ class DistriSDXLPipeline:
             return PipelineOutput(host_latents.transpose(0, 3, 1, 2), self._summary(timings, clock))
 
         t0 = time.perf_counter()
-        with self.out_of_memory_as_error("the VAE decode", dc, n_images, False, self.decoder.devices):
+        with out_of_memory_as_error(self, "the VAE decode", dc, n_images, False, self.decoder.devices):
             image = np.asarray(
                 to_host(self.decoder(self.vae_params, out / self.vae.config.scaling_factor)), np.float32
             )
@@ -430,19 +456,58 @@ class DistriSDXLPipeline:
         images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]
         return PipelineOutput(images, self._summary(timings, clock))
 
-    def _image_latents(self, pixels, image_noise, noise, sched, steps: int, first: int, seed: int):
-        """img2img's starting latents [n, h, w, 4]: the image encoded (its posterior sampled with image_noise,
-        else with noise drawn from the seed), repeated to the batch as diffusers repeats it, and noised to step
-        `first`'s level with `noise` (the scheduler's `add_noise`)."""
-        shape = (len(pixels), noise.shape[1], noise.shape[2], noise.shape[3])
-        if image_noise is None:
-            sample = jax.random.normal(jax.random.fold_in(prng_key(seed), 1), shape, jnp.float32)
+    @property
+    def pooled_width(self) -> Optional[int]:
+        """The width of the pooled text embedding the UNet takes (SDXL: 1280), None for SD 1.x / 2.x."""
+        c = self.unet.config
+        if not self.is_sdxl:
+            return None
+        return (
+            c.projection_class_embeddings_input_dim
+            - (5 if self.requires_aesthetics_score else 6) * c.addition_time_embed_dim
+        )
+
+    def _time_ids(self, dc, original_size, crops_coords_top_left, target_size, aesthetic, negative_aesthetic):
+        """(negative, positive) time ids: SDXL's six (original size, crop corner, target size), the refiner's five
+        (original size, crop corner, aesthetic score); None for SD 1.x / 2.x."""
+        if not self.is_sdxl:
+            return None
+        if not self.requires_aesthetics_score:
+            ids = micro_conditioning(dc, original_size, crops_coords_top_left, target_size)
+            return ids, ids
+        ids = micro_conditioning(dc, original_size, crops_coords_top_left, None)[:4]
+        pos, neg = (
+            float_arg("aesthetic_score", aesthetic),
+            float_arg("negative_aesthetic_score", negative_aesthetic),
+        )
+        return ids + [neg], ids + [pos]
+
+    def _on_step(self, callback, d: Denoiser):
+        """The Denoiser's per-step hook calling callback(i, t, latents) with a host copy in diffusers' layout."""
+        timesteps = np.asarray(d.timesteps)
+
+        def on_step(i: int, lat) -> None:
+            callback(i, timesteps[i].item(), np.asarray(to_host(lat), np.float32).transpose(0, 3, 1, 2))
+
+        return on_step
+
+    def _image_latents(self, pixels, given, image_noise, noise, sched, steps, first, seed, add_noise: bool):
+        """img2img's starting latents [n, h, w, 4]: the image encoded (its posterior sampled with image_noise, else
+        with noise drawn from the seed) or the latents given (diffusers' layout), repeated to the batch as
+        diffusers repeats it, and noised to step `first`'s level with `noise` (the scheduler's `add_noise`) unless
+        `add_noise` is False (the refiner's denoising_start: the base left them at that level)."""
+        if given is not None:
+            z = jnp.asarray(given.transpose(0, 2, 3, 1))
         else:
-            sample = jnp.asarray(image_noise.transpose(0, 2, 3, 1))
-        z = self.encoder(self.vae_params, pixels, sample)
+            shape = (len(pixels), noise.shape[1], noise.shape[2], noise.shape[3])
+            if image_noise is None:
+                sample = jax.random.normal(jax.random.fold_in(prng_key(seed), 1), shape, jnp.float32)
+            else:
+                sample = jnp.asarray(image_noise.transpose(0, 2, 3, 1))
+            z = self.encoder(self.vae_params, pixels, sample)
         if noise.shape[0] > z.shape[0]:  # diffusers concatenates copies of the whole batch
             z = jnp.tile(z, (noise.shape[0] // z.shape[0], 1, 1, 1))
-        return sched.add_noise(steps, z, noise, first)
+        return sched.add_noise(steps, z, noise, first) if add_noise else z
 
     @staticmethod
     def _lap(t0: float, clock: CompileClock, compiled_before: float) -> tuple:
@@ -459,40 +524,19 @@ class DistriSDXLPipeline:
             "programs_loaded": clock.loaded,
         }
 
-    @contextlib.contextmanager
-    def out_of_memory_as_error(self, stage: str, dc: DistriConfig, n_images: int, do_cfg: bool, devices):
-        """Turn a device's RESOURCE_EXHAUSTED inside the block into one OutOfMemoryError line (size, devices,
-        options that use less); any other runtime error passes through unchanged."""
-        try:
-            yield
-        except jax.errors.JaxRuntimeError as e:
-            if not is_out_of_memory(e):
-                raise
-            weights = ("UNet", self.unet_params) if stage == "denoising" else ("VAE", self.vae_params)
-            raise OutOfMemoryError(
-                out_of_memory_message(
-                    stage, dc, n_images, do_cfg, devices, str(e), weights, self.memory_options(stage, dc)
-                )
-            ) from None
 
-    def memory_options(self, stage: str, dc: DistriConfig) -> list:
-        """The options that lower `stage`'s per-device memory and are not in effect already."""
-        if stage == "the VAE encode":
-            return [
-                "more devices (the encode is row-sharded over them)",
-                "vae_attention_impl='chunked' (--vae-attention chunked)",
-            ]
-        if stage != "denoising":
-            return [
-                "more devices (the decode is row-sharded over them)",
-                "decode_tile_rows=64 (--decode-tile-rows 64) where it runs on one device",
-                "vae_attention_impl='chunked' (--vae-attention chunked)",
-            ]
-        opts = ["more devices", "attention_impl='chunked' (--attention chunked)"]
-        if dc.stale_kv != "hidden":
-            opts.append("DistriConfig(stale_kv='hidden') (--stale-kv hidden)")
-        if dc.stale_kv_dtype != "int8":
-            opts.append("stale_kv_dtype='int8' (--stale-kv-dtype int8)")
-        if jnp.dtype(self.unet.dtype).itemsize > 2:
-            opts.append("dtype=jnp.bfloat16 (--dtype bfloat16)")
-        return opts
+class DistriSDXLPipeline(DistriPipeline):
+    """Stable Diffusion XL (base, or the refiner: `text_encoder_2` only, aesthetic-score time ids) with displaced
+    patch parallelism over the devices of a DistriConfig."""
+
+    family = "sdxl"
+
+
+class DistriSDPipeline(DistriPipeline):
+    """Stable Diffusion 1.x / 2.x (one text encoder, no micro-conditioning; epsilon or v-prediction as its
+    scheduler config says) with displaced patch parallelism over the devices of a DistriConfig."""
+
+    family = "sd"
+
+
+FAMILIES = {"sdxl": DistriSDXLPipeline, "sd": DistriSDPipeline}

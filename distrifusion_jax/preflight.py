@@ -19,16 +19,18 @@ from .errors import CheckpointError, ConfigError, show
 from .models.unet import UNetConfig
 from .schedulers import make_scheduler, scheduler_from_config
 from .tokenizer import load_tokenizer
-from .weights.single_file import cached_pipeline, is_single_file
+from .weights.single_file import SD_LAYOUTS, SDXL_LAYOUTS, cached_pipeline, is_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# text encoder folder -> its tokenizer's
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 STEP_SEARCH = 64  # how far below a refused step count to look for one the scheduler supports
 # models inside the package, by name: the demo model trained by tools/train_demo.py (docs/demo-model.md)
 BUNDLED = {"demo": Path(__file__).parent / "demo"}
 
 
 # ---- the model folder ----
-def resolve_model_path(path_or_hub_id, cache=None) -> Path:
+def resolve_model_path(path_or_hub_id, cache=None, layouts=None) -> Path:
     """A local pipeline folder, a single-file SDXL checkpoint (`.safetensors` in the original layout: converted
     once into a folder under the cache folder `cache`, see `single_file.cached_pipeline`, whose header checks
     run first), a bundled model's name ("demo", where no folder of that name is in the working directory), or
@@ -37,7 +39,7 @@ def resolve_model_path(path_or_hub_id, cache=None) -> Path:
     if path.is_dir():
         return path
     if is_single_file(path):
-        return cached_pipeline(path, cache=cache)
+        return cached_pipeline(path, cache=cache, layouts=layouts)
     name = str(path_or_hub_id)
     if name in BUNDLED:
         if not (BUNDLED[name] / "model_index.json").is_file():
@@ -82,7 +84,18 @@ class ModelFiles:
     unet: UNetConfig
     vae: dict
     scheduler: dict
-    tokenizers: Any  # both, validated against their text encoder's vocabulary
+    tokenizers: Any  # one per text encoder, validated against its vocabulary
+    encoders: tuple = ("text_encoder", "text_encoder_2")  # the text encoders' folders, in the order used
+
+    @property
+    def family(self) -> str:
+        """ "sdxl" (a UNet with SDXL's text_time micro-conditioning: base or refiner) or "sd" (SD 1.x / 2.x)."""
+        return "sdxl" if self.unet.addition_embed_type == "text_time" else "sd"
+
+    @property
+    def aesthetic(self) -> bool:
+        """Whether the UNet's time ids carry an aesthetic score instead of the target size (SDXL's refiner)."""
+        return bool(self.index.get("requires_aesthetics_score", False))
 
     @property
     def native_size(self) -> int:
@@ -109,28 +122,46 @@ def read_json_file(root: Path, rel: str) -> dict:
         ) from None
 
 
+def listed_encoders(index: dict, unet: UNetConfig) -> tuple:
+    """The text encoders a pipeline folder uses, from its model_index.json (an entry set to null is not part of
+    it: SDXL's refiner has only text_encoder_2); SDXL needs one with a projection, SD 1.x / 2.x one encoder."""
+    names = tuple(n for n in TOKENIZER_OF if n in index and _listed(index[n]))
+    if unet.addition_embed_type == "text_time":
+        return names or ("text_encoder", "text_encoder_2")
+    return names or ("text_encoder",)
+
+
+def _listed(entry) -> bool:
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and None not in entry
+
+
 def read_model(root: Path) -> ModelFiles:
-    """The configuration files of the SDXL pipeline folder `root` (already resolved from a hub id)."""
+    """The configuration files of the pipeline folder `root` (already resolved from a hub id): SDXL (base or
+    refiner) or SD 1.x / 2.x, told apart by the UNet's micro-conditioning."""
     if not (root / "model_index.json").is_file():
         raise CheckpointError(
-            f"{root}: no model_index.json; pass an SDXL pipeline folder (with unet/, vae/, "
-            "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)"
+            f"{root}: no model_index.json; pass a pipeline folder (SDXL: unet/, vae/, text_encoder/, "
+            "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/; SD 1.x / 2.x: one text encoder and tokenizer)"
         )
     index = read_json_file(root, "model_index.json")
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    unet_dir_missing = not (root / "unet").is_dir()
+    unet = None if unet_dir_missing else UNetConfig.from_dict(read_json_file(root, "unet/config.json"))
+    encoders = listed_encoders(index, unet) if unet is not None else ("text_encoder", "text_encoder_2")
+    wanted = ("unet", "vae", "scheduler", *encoders, *(TOKENIZER_OF[e] for e in encoders))
+    missing = [c for c in COMPONENTS if c in wanted and not (root / c).is_dir()]
     if missing:
+        kind = "SDXL" if unet is None or unet.addition_embed_type == "text_time" else "Stable Diffusion"
         raise CheckpointError(
-            f"{root}: missing component folder(s) {', '.join(missing)} of an SDXL pipeline; "
+            f"{root}: missing component folder(s) {', '.join(missing)} of an {kind} pipeline; "
             "download or convert the whole pipeline again"
         )
-    unet = UNetConfig.from_dict(read_json_file(root, "unet/config.json"))
     tokenizers = [
         load_tokenizer(
-            root / name,
+            root / TOKENIZER_OF[encoder],
             vocab_size=read_json_file(root, f"{encoder}/config.json").get("vocab_size"),
-            what=name,
+            what=TOKENIZER_OF[encoder],
         )
-        for name, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+        for encoder in encoders
     ]
     return ModelFiles(
         root,
@@ -139,6 +170,7 @@ def read_model(root: Path) -> ModelFiles:
         read_json_file(root, "vae/config.json"),
         read_json_file(root, "scheduler/scheduler_config.json"),
         tokenizers,
+        encoders,
     )
 
 
@@ -252,6 +284,19 @@ def check_distri_config(distri_config) -> DistriConfig:
     return distri_config
 
 
+PIPELINE_OF = {"sdxl": "DistriSDXLPipeline", "sd": "DistriSDPipeline"}
+
+
+def check_family(files: ModelFiles, family) -> None:
+    """A folder of the other family than the pipeline class runs: one line naming the class that loads it."""
+    if family is not None and files.family != family:
+        what = "a Stable Diffusion 1.x / 2.x" if files.family == "sd" else "an SDXL"
+        raise ConfigError(
+            f"{files.root} holds {what} pipeline: load it with {PIPELINE_OF[files.family]}.from_pretrained (or "
+            "DistriPipeline.from_pretrained, which picks the class)"
+        )
+
+
 def check_pretrained(
     path_or_hub_id,
     distri_config=None,
@@ -261,12 +306,17 @@ def check_pretrained(
     compilation_cache=None,
     parallel_decode: bool = True,
     decode_tile_rows=None,
+    family=None,
 ) -> tuple[ModelFiles, DistriConfig]:
-    """What `from_pretrained` checks before reading a weight: (the folder's configuration files, the config)."""
+    """What `from_pretrained` checks before reading a weight: (the folder's configuration files, the config).
+    `family`: "sdxl" or "sd" for a pipeline class that runs only those (a single file of the other layout is
+    refused from its header, before any conversion); None: any."""
     distri_config = check_distri_config(distri_config)
     check_tiles(decode_tile_rows, name="decode_tile_rows")
     check_cache_dir(compilation_cache)
-    files = read_model(resolve_model_path(path_or_hub_id, compilation_cache))
+    layouts = {"sdxl": SDXL_LAYOUTS, "sd": SD_LAYOUTS}.get(family)
+    files = read_model(resolve_model_path(path_or_hub_id, compilation_cache, layouts))
+    check_family(files, family)
     jax_devices()  # a platform JAX cannot start fails here in one line
     devices = distri_config.resolve_devices()
     check_layout(distri_config, files.unet, len(devices))

@@ -57,7 +57,7 @@ def no_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("slow work started before the bad input was found")
 
-    monkeypatch.setattr(pipeline.DistriSDXLPipeline, "from_pretrained", classmethod(stop))
+    monkeypatch.setattr(pipeline.DistriPipeline, "from_pretrained", classmethod(stop))
     for name in ("load_unet", "load_vae", "load_text_encoder"):
         monkeypatch.setattr(pipeline, name, fail)
     monkeypatch.setattr(benchmark, "measure", fail)
@@ -256,7 +256,7 @@ def test_generate_options_reach_the_pipeline(tiny_pipeline, tmp_path, capsys, mo
         seen.update(kwargs, path=path, config=config)
         raise Stopped("stopped where the weights would load")
 
-    monkeypatch.setattr(pipeline.DistriSDXLPipeline, "from_pretrained", classmethod(record))
+    monkeypatch.setattr(pipeline.DistriPipeline, "from_pretrained", classmethod(record))
     rc, err = run_main(
         capsys,
         "generate",

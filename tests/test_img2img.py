@@ -292,7 +292,7 @@ def test_generate_image_and_hires_flags(checkpoint, tmp_path, monkeypatch, capsy
     def fail(*a, **k):
         raise AssertionError("weights loaded before the arguments were checked")
 
-    monkeypatch.setattr(pipeline.DistriSDXLPipeline, "from_pretrained", classmethod(fail))
+    monkeypatch.setattr(pipeline.DistriPipeline, "from_pretrained", classmethod(fail))
     bad = [
         (
             ["--height", "64", "--width", "64", "--image", str(tmp_path / "in.png"), "--strength", "0.7"],

@@ -20,7 +20,7 @@ LAYERS = [
     {"models"},
     {"weights", "tensor_parallel", "decode", "arguments"},
     {"convert", "denoise", "preflight", "flags"},
-    {"guards"},
+    {"guards", "workflows"},
     {"pipeline"},
     {"", "generate", "tools"},  # tools: measurement, reports, the random pipeline writer
     {"cli"},

@@ -399,7 +399,7 @@ def test_generate_with_lora_and_refused_lora(base, pipeline_dir, tmp_path, monke
     def fail(*a, **k):
         raise AssertionError("weights loaded before the LoRA was checked")
 
-    monkeypatch.setattr(pipeline.DistriSDXLPipeline, "from_pretrained", classmethod(fail))
+    monkeypatch.setattr(pipeline.DistriPipeline, "from_pretrained", classmethod(fail))
     capsys.readouterr()
     rc = cli.main(args + ["--lora", str(tmp_path / "other.safetensors"), "--output", str(tmp_path / "b.png")])
     err = capsys.readouterr().err.strip().splitlines()

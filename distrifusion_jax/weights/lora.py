@@ -288,8 +288,8 @@ def plan_lora(params_by_component: dict, adapter: LoraAdapter) -> dict:
     missing = sorted({m.component for m in adapter.modules} - set(params_by_component))
     if missing:
         raise CheckpointError(
-            f"{adapter.path}: the LoRA adapts {', '.join(missing)}, which the model has not been given; "
-            "pass every component's parameters (or a LoRA for this model)"
+            f"{adapter.path}: the LoRA adapts {', '.join(missing)}, which this model does not have (or was "
+            "not given): use a LoRA made for this model"
         )
     plan, unmatched, mismatched = {}, [], []
     for component in sorted({m.component for m in adapter.modules}):
@@ -396,6 +396,8 @@ def abstract_trees(root) -> dict:
     root = Path(root)
     models = {"unet": UNet2DConditionModel(UNetConfig.from_json(root / "unet" / "config.json"))}
     for name in ("text_encoder", "text_encoder_2"):
+        if not (root / name / "config.json").is_file():  # SD 1.x / 2.x and the refiner have one encoder
+            continue
         raw = read_json(root / name / "config.json")
         models[name] = text_encoder_class(raw)(CLIPTextConfig.from_dict(raw))
     return {
