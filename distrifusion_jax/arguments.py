@@ -73,14 +73,27 @@ def float_arg(name: str, value, low: Optional[float] = None, high: Optional[floa
     return v
 
 
-def micro_conditioning(dc: DistriConfig, original_size, crops_coords_top_left, target_size) -> list:
-    """SDXL's six time_ids: original size, crop's top-left corner, target size (sizes default to the image's)."""
+def micro_conditioning(
+    dc: DistriConfig,
+    original_size,
+    crops_coords_top_left,
+    target_size,
+    aesthetic: bool = False,
+    score: float = 6.0,
+    negative_score: float = 2.5,
+) -> tuple:
+    """(negative, positive) time ids: SDXL's six (original size, crop's top-left corner, target size; sizes
+    default to the image's), or with `aesthetic` the refiner's five (original size, crop corner, aesthetic
+    score: `negative_score` for the negative rows, as diffusers)."""
     image = (dc.height, dc.width)
-    return (
-        pair_arg("original_size", original_size, image, "(height, width)")
-        + pair_arg("crops_coords_top_left", crops_coords_top_left, None, "(top, left)")
-        + pair_arg("target_size", target_size, image, "(height, width)")
+    ids = pair_arg("original_size", original_size, image, "(height, width)") + pair_arg(
+        "crops_coords_top_left", crops_coords_top_left, None, "(top, left)"
     )
+    if aesthetic:
+        pos, neg = float_arg("aesthetic_score", score), float_arg("negative_aesthetic_score", negative_score)
+        return ids + [neg], ids + [pos]
+    ids = ids + pair_arg("target_size", target_size, image, "(height, width)")
+    return ids, ids
 
 
 def pair_arg(name: str, value, default, what: str) -> list:

@@ -396,6 +396,16 @@ class Denoiser:
         self._finished(finite[-1], self.num_run)
         return carry[0], finite
 
+    def host_callback(self, callback) -> Callable:
+        """An `on_step` hook calling callback(i, t, latents) with the step's index in the schedule, its timestep
+        and a float32 host copy of the latents in diffusers' layout (B, C, h, w)."""
+        timesteps = np.asarray(self.timesteps)
+
+        def on_step(i: int, lat) -> None:
+            callback(i, timesteps[i].item(), np.asarray(to_host(lat), np.float32).transpose(0, 3, 1, 2))
+
+        return on_step
+
     def _finished(self, flag, done: int) -> None:
         jax.block_until_ready(flag)
         self.progress(done, self.num_run)

@@ -10,8 +10,6 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from .arguments import (
@@ -38,8 +36,7 @@ from .parallel import make_mesh
 from .preflight import check_pretrained, check_schedule
 from .prompts import PromptEncoder, check_given_embeds, short_repr
 from .schedulers import make_scheduler, scheduler_from_config
-from .weights import load_text_encoder, load_unet
-from .weights.vae import load_vae
+from .weights.pipeline_weights import load_pipeline_weights
 from .workflows import Workflows
 
 
@@ -157,32 +154,16 @@ class DistriPipeline(Workflows):
             cls.family,
         )
         enable_compilation_cache(compilation_cache)
-        root = files.root
-        # weights go straight from the file to every device that uses them (one process: several processes
-        # place theirs in __init__)
-        devices = distri_config.resolve_devices()
-        replicated = None
-        if len(devices) > 1 and not spans_processes(devices):
-            replicated = NamedSharding(make_mesh(devices, 1), P())
-        unet_sharding = (
-            None if distri_config.parallelism == "tensor" else replicated
-        )  # TensorPlan splits them
-        unet, unet_params = load_unet(
-            root / "unet", dtype=dtype, variant=variant, attention_impl=attention_impl, sharding=unet_sharding
+        unet, unet_params, vae, vae_params, encoders, text_params = load_pipeline_weights(
+            files,
+            distri_config,
+            dtype,
+            variant,
+            vae_dtype,
+            attention_impl,
+            vae_attention_impl,
+            parallel_decode,
         )
-        vae_dtype = vae_dtype or (jnp.float32 if files.vae.get("force_upcast", True) else dtype)
-        vae, vae_params = load_vae(
-            root / "vae",
-            dtype=vae_dtype,
-            variant=variant,
-            attention_impl=vae_attention_impl,
-            sharding=replicated if parallel_decode else None,
-        )
-        encoders, text_params = [], []
-        for name in files.encoders:
-            model, params = load_text_encoder(root / name, dtype=dtype, variant=variant)
-            encoders.append(model)
-            text_params.append(params)
         return FAMILIES[files.family](
             unet,
             unet_params,
@@ -280,40 +261,25 @@ class DistriPipeline(Workflows):
         negative_aesthetic_score: float = 2.5,
         callback=None,
     ) -> PipelineOutput:
-        """Generate images; the size and the device layout come from the DistriConfig.
+        """Generate images; the size and the device layout come from the DistriConfig (every argument: docs/usage.md).
 
         `latents`: diffusers' layout (B, 4, H/8, W/8) and semantics (unit noise, multiplied here by the scheduler's
         initial sigma), so a diffusers image can be reproduced exactly. `seed`: an int in [0, 2**63). img2img
-        (diffusers' StableDiffusionXLImg2ImgPipeline): `image` (a PIL image or a list of them, or an array [H, W, 3]
-        / [B, H, W, 3] of uint8 or floats in [0, 1], at the DistriConfig's size; B divides the number of images) is
-        VAE-encoded (row-sharded like the decode), its posterior sampled with `image_noise` (B, 4, H/8, W/8) (None:
-        drawn from the seed; zeros: the posterior mean), noised to the level of step t_start = steps - min(int(steps
-        * strength), steps) with `latents` (the unit noise diffusers draws after the posterior sample; None: from
-        the seed), and denoised from there (the last steps - t_start steps of the schedule, the warmup counted from
-        t_start; `strength` and `image_noise` are used only with an image). `image` may also be latents (B, 4, H/8,
-        W/8), such as another pipeline's output_type="latent": used as they are, without the VAE.
-
-        SDXL's base + refiner ("ensemble of experts", as diffusers): `denoising_end` (a fraction in (0, 1)) stops the
-        schedule where the timesteps fall below (1 - denoising_end) x the training timesteps (give
-        output_type="latent"); `denoising_start` with `image=` those latents starts the schedule there, without
-        adding noise (strength is then ignored). `aesthetic_score` / `negative_aesthetic_score`: the refiner's
-        micro-conditioning (a UNet whose time ids carry one; ignored otherwise).
-
-        `prompt_embeds` [B, 77, D] (and `pooled_prompt_embeds` [B, P] for SDXL, `negative_prompt_embeds` /
-        `negative_pooled_prompt_embeds`): embeddings the caller computed, as diffusers' `encode_prompt` returns
-        them, in place of `prompt` (and `negative_prompt`); without negative ones the negative is as for no
-        negative prompt.
-
-        `progress(i, n)` is called with i = 0 when denoising starts (after compiling) and then as each step
-        completes (i = 1 .. n, n the steps run); the loop then runs as one compiled program per step.
-        `callback(i, t, latents)`: after each step, with the step's index in the schedule, its timestep and the
-        latents after it as a float32 numpy array (B, 4, H/8, W/8) (a copy: changing it changes nothing); it also
-        runs the loop step by step, and waits for each step.
-
+        (diffusers' StableDiffusionXLImg2ImgPipeline): `image` (PIL image(s), or an array [H, W, 3] / [B, H, W, 3] of
+        uint8 or floats in [0, 1], at the DistriConfig's size; B divides the number of images) is VAE-encoded
+        (row-sharded like the decode), its posterior sampled with `image_noise` (None: from the seed; zeros: the
+        mean), noised to the level of step t_start = steps - min(int(steps * strength), steps) with `latents`, and
+        denoised from there (the warmup counted from t_start). `image` may also be latents (B, 4, H/8, W/8), used
+        as they are. SDXL's base + refiner (as diffusers): `denoising_end` in (0, 1) stops the base where the
+        timesteps fall below (1 - denoising_end) x the training timesteps; `denoising_start` with `image=` its
+        latents starts the refiner there without adding noise; `aesthetic_score` / `negative_aesthetic_score`
+        condition a refiner. `prompt_embeds` & co.: embeddings as diffusers' `encode_prompt` returns them, in place
+        of the prompts. `progress(i, n)`: i = 0 when denoising starts (after compiling), then as each step
+        completes (n: the steps run); `callback(i, t, latents)`: after each step, its index in the schedule, its
+        timestep and a float32 numpy copy of the latents; with either the loop runs one compiled program per step.
         Every argument is checked before any encoding or compiling (a one-line ConfigError); latents or an image
-        that went NaN or infinite raise NonFiniteError, a device out of memory OutOfMemoryError. In a
-        multi-process run (`distributed.initialize`) every process calls this with the same arguments and gets the
-        same images (gathered from the global mesh; only process 0 needs to use them).
+        that went NaN or infinite raise NonFiniteError, a device out of memory OutOfMemoryError. In a multi-process
+        run every process calls this with the same arguments and gets the same images.
         """
         check_output_type(output_type)
         given_embeds, given = check_given_embeds(
@@ -350,9 +316,17 @@ class DistriPipeline(Workflows):
         if dc.do_classifier_free_guidance != do_cfg:
             dc = dataclasses.replace(dc, do_classifier_free_guidance=do_cfg)
         n_images = batch * per_prompt
-        time_ids = self._time_ids(
-            dc, original_size, crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score
-        )
+        time_ids = None
+        if self.is_sdxl:
+            time_ids = micro_conditioning(
+                dc,
+                original_size,
+                crops_coords_top_left,
+                target_size,
+                self.requires_aesthetics_score,
+                aesthetic_score,
+                negative_aesthetic_score,
+            )
         sched = self.scheduler_for(scheduler)
         steps = check_schedule(sched, num_inference_steps)
         latent_shape = (4, dc.latent_height, dc.latent_width)
@@ -384,7 +358,7 @@ class DistriPipeline(Workflows):
         # layout checks; nothing compiled yet
         stepwise = progress if progress is not None else (None if callback is None else (lambda i, n: None))
         d = self.denoiser(dc, sched, steps, guidance_rescale, stepwise, first, stop)
-        d.on_step = None if callback is None else self._on_step(callback, d)
+        d.on_step = None if callback is None else d.host_callback(callback)
 
         timings, clock, t0 = {}, CompileClock(), time.perf_counter()
         embeds, pooled = self.prompt_encoder(
@@ -466,30 +440,6 @@ class DistriPipeline(Workflows):
             c.projection_class_embeddings_input_dim
             - (5 if self.requires_aesthetics_score else 6) * c.addition_time_embed_dim
         )
-
-    def _time_ids(self, dc, original_size, crops_coords_top_left, target_size, aesthetic, negative_aesthetic):
-        """(negative, positive) time ids: SDXL's six (original size, crop corner, target size), the refiner's five
-        (original size, crop corner, aesthetic score); None for SD 1.x / 2.x."""
-        if not self.is_sdxl:
-            return None
-        if not self.requires_aesthetics_score:
-            ids = micro_conditioning(dc, original_size, crops_coords_top_left, target_size)
-            return ids, ids
-        ids = micro_conditioning(dc, original_size, crops_coords_top_left, None)[:4]
-        pos, neg = (
-            float_arg("aesthetic_score", aesthetic),
-            float_arg("negative_aesthetic_score", negative_aesthetic),
-        )
-        return ids + [neg], ids + [pos]
-
-    def _on_step(self, callback, d: Denoiser):
-        """The Denoiser's per-step hook calling callback(i, t, latents) with a host copy in diffusers' layout."""
-        timesteps = np.asarray(d.timesteps)
-
-        def on_step(i: int, lat) -> None:
-            callback(i, timesteps[i].item(), np.asarray(to_host(lat), np.float32).transpose(0, 3, 1, 2))
-
-        return on_step
 
     def _image_latents(self, pixels, given, image_noise, noise, sched, steps, first, seed, add_noise: bool):
         """img2img's starting latents [n, h, w, 4]: the image encoded (its posterior sampled with image_noise, else

@@ -20,6 +20,7 @@ from distrifusion_jax import cli, pipeline
 from distrifusion_jax.errors import DistriFusionError
 from distrifusion_jax.tools import benchmark
 from distrifusion_jax.tools.random_pipeline import write_random_pipeline
+from distrifusion_jax.weights import pipeline_weights
 
 SMALL = (
     "--height",
@@ -59,7 +60,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(pipeline.DistriPipeline, "from_pretrained", classmethod(stop))
     for name in ("load_unet", "load_vae", "load_text_encoder"):
-        monkeypatch.setattr(pipeline, name, fail)
+        monkeypatch.setattr(pipeline_weights, name, fail)
     monkeypatch.setattr(benchmark, "measure", fail)
     monkeypatch.setattr(benchmark, "dry_run", fail)
 

@@ -9,10 +9,10 @@ import jax
 import pytest
 
 import distrifusion_jax as dj
-from distrifusion_jax import pipeline
 from distrifusion_jax.preflight import check_steps
 from distrifusion_jax.schedulers import make_scheduler
 from distrifusion_jax.tools.random_pipeline import write_random_pipeline
+from distrifusion_jax.weights import pipeline_weights
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def no_loading(monkeypatch):
         raise Loading
 
     for name in ("load_unet", "load_vae", "load_text_encoder"):
-        monkeypatch.setattr(pipeline, name, stop)
+        monkeypatch.setattr(pipeline_weights, name, stop)
 
 
 def load(path, config=None, **kwargs):
