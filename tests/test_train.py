@@ -15,7 +15,14 @@ from distrifusion_jax.pipeline import DistriSDXLPipeline
 from distrifusion_jax.schedulers import scheduler_from_config
 from distrifusion_jax.tools import train_demo
 from distrifusion_jax.tools.train_demo import TrainOptions, load_tree, save_tree, train_stage
-from distrifusion_jax.tools.train_steps import TIME_IDS, drop_captions, make_step, unet_loss, vae_loss
+from distrifusion_jax.tools.train_steps import (
+    TIME_IDS,
+    drop_captions,
+    make_step,
+    sample_timesteps,
+    unet_loss,
+    vae_loss,
+)
 
 SIZE = 64  # pixels: 8x8 latents
 
@@ -124,6 +131,8 @@ def test_the_command_trains_resumes_and_writes_a_pipeline(tmp_path):
         64,
         "--train-images",
         4,
+        "--high-noise-steps",
+        1,  # the last step of each run draws the high-noise timesteps: both step programs run
     ]
     assert train_demo.main([str(a) for a in args + ["--unet-steps", 2]]) == 0
     assert train_demo.main([str(a) for a in args + ["--unet-steps", 3]]) == 0
@@ -135,3 +144,13 @@ def test_the_command_trains_resumes_and_writes_a_pipeline(tmp_path):
     )
     image = pipe("a red circle on the left", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_high_noise_timesteps():
+    """Power 1 is the uniform draw (randint, as the first steps of the shipped run); power 2 has density rising
+    linearly with t: mean 2/3 of the range, a quarter of the draws below T/2 (uniform: a half)."""
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(sample_timesteps(key, 8, 1000), jax.random.randint(key, (8,), 0, 1000))
+    t = np.asarray(sample_timesteps(key, 200_000, 1000, 2.0))
+    assert t.min() >= 0 and t.max() == 999
+    assert abs(t.mean() - 666.2) < 3 and abs((t < 500).mean() - 0.25) < 0.005

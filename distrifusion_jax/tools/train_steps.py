@@ -30,19 +30,39 @@ def vae_loss(vae, params, images, key, kl_weight: float):
     return mse + kl_weight * kl, (mse, kl)
 
 
+def sample_timesteps(key, n: int, n_t: int, power: float = 1.0):
+    """n training timesteps in [0, n_t): uniform for power 1, else floor(n_t u^(1/power)) (density ~ t^(power-1))."""
+    if power == 1.0:
+        return jax.random.randint(key, (n,), 0, n_t)
+    u = jax.random.uniform(key, (n,))
+    return jnp.minimum((n_t * u ** (1.0 / power)).astype(jnp.int32), n_t - 1)
+
+
 def unet_loss(
-    unet, params, latents, embeds, pooled, time_ids, key, alphas_cumprod, snr_gamma=None, offset_noise=0.0
+    unet,
+    params,
+    latents,
+    embeds,
+    pooled,
+    time_ids,
+    key,
+    alphas_cumprod,
+    snr_gamma=None,
+    offset_noise=0.0,
+    t_power: float = 1.0,
 ):
     """Epsilon-prediction loss at uniformly drawn training timesteps (DDPM's simple loss), each sample
     weighted by min(SNR, gamma) / SNR with `snr_gamma` (Min-SNR, Hang et al. 2023: the nearly clean
     timesteps, which only polish detail, stop dominating the gradient, so layout and colour, decided at
-    high noise, are learnt sooner); None weighs every timestep alike.
+    high noise, are learnt sooner); None weighs every timestep alike. `t_power` p > 1 draws the timesteps
+    with density proportional to t^(p - 1) (t = floor(T u^(1/p)), u uniform): more of the high-noise steps
+    where a sample's layout and colours are decided (p = 2: density rising linearly to t = T).
 
     latents [B, h, w, 4] already scaled by the VAE's scaling_factor; embeds [B, 77, D]; pooled [B, P].
     Returns (loss, {}).
     """
     k_t, k_noise, k_offset = jax.random.split(key, 3)
-    t = jax.random.randint(k_t, (latents.shape[0],), 0, alphas_cumprod.shape[0])
+    t = sample_timesteps(k_t, latents.shape[0], alphas_cumprod.shape[0], t_power)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
     if offset_noise:
         b, _, _, c = latents.shape
