@@ -499,3 +499,24 @@ def test_sd_single_file_generates_the_diffusers_folder_image(sd, tmp_path, monke
     diff = float(np.abs(from_file - from_folder).max())
     print(f"{version} single file vs its diffusers folder: max abs diff {diff:.1e}")
     assert diff <= 1e-5 and from_file.std() > 0.01  # the same image, and an image
+
+
+def test_sd_pipeline_on_every_parallelism(sd):
+    """SD 1.x's four-level UNet through tensor parallelism (2 devices: equal to one device), displaced patches
+    (8 devices, warmup 1: close) and naive patches (4 devices: runs, and differs as naive patches do)."""
+    folder, _ = sd("sd1")
+    lat = noise((1, 4, SD_HEIGHT // 8, SD_WIDTH // 8), 6)
+
+    def run(**kw):
+        config = dj.DistriConfig(SD_HEIGHT, SD_WIDTH, **kw)
+        pipe = DistriPipeline.from_pretrained(folder, config, dtype=jnp.float32)
+        return pipe(PROMPT, num_inference_steps=3, latents=lat, output_type="np").images
+
+    one = run(devices=1)
+    tensor, displaced = run(devices=2, parallelism="tensor"), run(devices=8, warmup_steps=1)
+    naive = run(devices=4, parallelism="naive_patch")
+    print(
+        f"SD 1.x vs one device: tensor {psnr(tensor, one):.1f} dB, displaced 8 {psnr(displaced, one):.1f} dB"
+    )
+    assert psnr(tensor, one) >= PSNR_MIN and psnr(displaced, one) >= 30
+    assert np.isfinite(naive).all() and psnr(naive, one) < psnr(displaced, one)
