@@ -88,6 +88,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="high-res fix: the refine pass's steps (default --steps)",
     )
     p.add_argument(
+        "--config",
+        default=None,
+        metavar="NAME",
+        help="single-file --model only: the bundled config it was trained with (sdxl-base-1.0, sd-1.5, sd-2.1, "
+        "sd-2.1-base, ...; default: detected from its keys; SD 2.x files default to sd-2.1, 768 v-prediction)",
+    )
+    p.add_argument(
         "--refiner",
         default=None,
         metavar="PATH",
@@ -219,7 +226,7 @@ def run(args) -> None:
     devices = run_devices(args.devices, processes)
     main = is_main_process()  # only process 0 prints and writes; the others run the same program silently
     fmt = check_output(args.output, args.overwrite) if main else None
-    files = read_model(resolve_model_path(args.model))
+    files = read_model(resolve_model_path(args.model, single_file_config=args.config))
     native_size(args, files)
     base = hires_sizes(
         args

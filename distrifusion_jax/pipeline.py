@@ -118,8 +118,12 @@ class DistriPipeline(Workflows):
         compilation_cache=None,
         parallel_decode: bool = True,
         decode_tile_rows=None,
-    ) -> "DistriSDXLPipeline":
-        """Load a diffusers SDXL pipeline folder (or its fp16/bf16 variant, or our converted folder).
+        single_file_config: Optional[str] = None,
+    ) -> "DistriPipeline":
+        """Load a pipeline folder (SDXL or SD 1.x / 2.x: diffusers', its fp16/bf16 variant, or our converted one),
+        a single-file checkpoint (converted once into the cache; `single_file_config` names the bundled config it
+        was trained with, e.g. "sd-2.1-base" for a 512 epsilon SD 2.x file; default: detected from its keys), a
+        bundled model's name ("demo") or a hub id.
 
         `attention_impl` (UNet) and `vae_attention_impl` (VAE): "auto" (the default: per attention,
         cuDNN's fused kernel on NVIDIA GPUs where its dtype and head-dim limits allow, "chunked" where
@@ -152,6 +156,7 @@ class DistriPipeline(Workflows):
             parallel_decode,
             decode_tile_rows,
             cls.family,
+            single_file_config,
         )
         enable_compilation_cache(compilation_cache)
         unet, unet_params, vae, vae_params, encoders, text_params = load_pipeline_weights(

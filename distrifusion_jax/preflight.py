@@ -30,16 +30,22 @@ BUNDLED = {"demo": Path(__file__).parent / "demo"}
 
 
 # ---- the model folder ----
-def resolve_model_path(path_or_hub_id, cache=None, layouts=None) -> Path:
+def resolve_model_path(path_or_hub_id, cache=None, layouts=None, single_file_config=None) -> Path:
     """A local pipeline folder, a single-file SDXL checkpoint (`.safetensors` in the original layout: converted
     once into a folder under the cache folder `cache`, see `single_file.cached_pipeline`, whose header checks
     run first), a bundled model's name ("demo", where no folder of that name is in the working directory), or
-    a hub id looked up in huggingface_hub's local cache (then the network)."""
+    a hub id looked up in huggingface_hub's local cache (then the network). `single_file_config` names the bundled
+    config a single file was trained with (default: detected from its keys); refused for anything else."""
     path = Path(os.fspath(path_or_hub_id)).expanduser()
+    if single_file_config is not None and not is_single_file(path):
+        raise ConfigError(
+            f"single_file_config={single_file_config!r} applies to single-file checkpoints (.safetensors in the "
+            f"original layout) only; {path_or_hub_id} is not one: leave it out"
+        )
     if path.is_dir():
         return path
     if is_single_file(path):
-        return cached_pipeline(path, cache=cache, layouts=layouts)
+        return cached_pipeline(path, single_file_config, cache=cache, layouts=layouts)
     name = str(path_or_hub_id)
     if name in BUNDLED:
         if not (BUNDLED[name] / "model_index.json").is_file():
@@ -307,6 +313,7 @@ def check_pretrained(
     parallel_decode: bool = True,
     decode_tile_rows=None,
     family=None,
+    single_file_config=None,
 ) -> tuple[ModelFiles, DistriConfig]:
     """What `from_pretrained` checks before reading a weight: (the folder's configuration files, the config).
     `family`: "sdxl" or "sd" for a pipeline class that runs only those (a single file of the other layout is
@@ -315,7 +322,7 @@ def check_pretrained(
     check_tiles(decode_tile_rows, name="decode_tile_rows")
     check_cache_dir(compilation_cache)
     layouts = {"sdxl": SDXL_LAYOUTS, "sd": SD_LAYOUTS}.get(family)
-    files = read_model(resolve_model_path(path_or_hub_id, compilation_cache, layouts))
+    files = read_model(resolve_model_path(path_or_hub_id, compilation_cache, layouts, single_file_config))
     check_family(files, family)
     jax_devices()  # a platform JAX cannot start fails here in one line
     devices = distri_config.resolve_devices()

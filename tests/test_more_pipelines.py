@@ -405,6 +405,7 @@ def test_generate_picks_the_class_and_runs_the_refiner(sd, sdxl, tmp_path, monke
     monkeypatch.setattr(pipeline.DistriPipeline, "from_pretrained", classmethod(fail))
     bad = [
         (["--refiner-start", "1.2"], "--refiner-start=1.2 is not supported"),
+        (["--config", "sd-1.5"], "applies to single-file checkpoints"),  # --model is a folder
         (["--refiner", str(sd_folder)], "not an SDXL pipeline"),
         (["--hires-size", "256", "--hires-strength", "0.7"], "--refiner with --image or --hires-size"),
         # the base takes 80 rows, the refiner's four levels do not

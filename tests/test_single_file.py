@@ -613,3 +613,18 @@ def test_missing_truncated_and_foreign_files(original, tmp_path):
         convert(tmp_path / "absent.safetensors", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert convert_single_file(original, tmp_path / "out", progress=False) == tmp_path / "out"
+
+
+def test_single_file_config_names_the_bundled_config(sd_file, tiny_diffusers, tmp_path):
+    """from_pretrained's / generate's `single_file_config` reaches the conversion (a config the file's shapes do
+    not fit is one line naming it) and is refused, in one line, for anything but a single file."""
+    from distrifusion_jax.preflight import resolve_model_path
+
+    path, _, converted = sd_file("sd1")
+    folder = resolve_model_path(path, tmp_path / "c", single_file_config="parity-sd1")
+    assert json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"] in (12, [12] * 4)
+    with pytest.raises(CheckpointError, match="config sd-2.1-base") as wrong:
+        resolve_model_path(path, tmp_path / "c", single_file_config="sd-2.1-base")
+    assert "\n" not in str(wrong.value)
+    with pytest.raises(ConfigError, match="applies to single-file checkpoints .* only"):
+        DistriSDXLPipeline.from_pretrained(tiny_diffusers, single_file_config="sdxl-base-1.0")
