@@ -45,6 +45,16 @@ CARRIED_FIELDS = ("sample_size",)
 PIPELINE_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PIPELINE_FILES = ("tokenizer", "tokenizer_2", "scheduler")  # copied: their json and txt files only
 PIPELINE_COMPONENTS = PIPELINE_MODELS + PIPELINE_FILES
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def pipeline_components(index: dict) -> tuple:
+    """The components a pipeline folder has: unet, vae, scheduler and the text encoders its model_index.json
+    lists with their tokenizers (SDXL's base both, its refiner text_encoder_2 only, SD 1.x / 2.x one; an
+    index listing neither: SDXL's two)."""
+    encoders = [e for e in TOKENIZER_OF if _listed(index.get(e))] or list(TOKENIZER_OF)
+    wanted = {"unet", "vae", "scheduler", *encoders, *(TOKENIZER_OF[e] for e in encoders)}
+    return tuple(c for c in PIPELINE_COMPONENTS if c in wanted)
 
 
 # ---- writing one converted model ----
@@ -194,7 +204,8 @@ def vae_dtype(vae_config: dict, dtype) -> str:
 
 
 def _check_pipeline(src: Path) -> dict:
-    """model_index.json of the pipeline folder `src`, after checking that every component folder is there."""
+    """model_index.json of the pipeline folder `src`, after checking that every component folder it lists is
+    there (`pipeline_components`)."""
     if not src.is_dir():
         raise CheckpointError(f"pipeline folder {src} does not exist")
     index_path = src / "model_index.json"
@@ -209,10 +220,10 @@ def _check_pipeline(src: Path) -> dict:
         raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
     if not isinstance(index, dict):
         raise CheckpointError(f"{index_path}: expected a JSON object")
-    missing = [c for c in PIPELINE_COMPONENTS if not (src / c).is_dir() or not _listed(index.get(c))]
+    missing = [c for c in pipeline_components(index) if not (src / c).is_dir() or not _listed(index.get(c))]
     if missing:
         raise CheckpointError(
-            f"{src}: SDXL pipeline component(s) missing: {', '.join(missing)} (a folder and a "
+            f"{src}: pipeline component(s) missing: {', '.join(missing)} (a folder and a "
             f"model_index.json entry each); download the complete pipeline"
         )
     if not (src / "scheduler" / "scheduler_config.json").is_file():
@@ -222,9 +233,11 @@ def _check_pipeline(src: Path) -> dict:
     return index
 
 
-def _check_tokenizers(src: Path) -> None:
+def _check_tokenizers(src: Path, components) -> None:
     """Each tokenizer folder parses and its vocabulary fits its text encoder's embedding."""
-    for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+    for enc, tok in TOKENIZER_OF.items():
+        if enc not in components:
+            continue
         config = CLIPTextConfig.from_json(check_folder(src / enc, enc) / "config.json")
         load_tokenizer(src / tok, vocab_size=config.vocab_size, what=tok)
 
@@ -251,9 +264,10 @@ def convert_pipeline(
     overwrite: bool = False,
     loras=(),
 ) -> Path:
-    """Convert a diffusers SDXL pipeline folder `src` into `dst`, keeping its layout.
+    """Convert a diffusers pipeline folder `src` (SDXL base or refiner, SD 1.x / 2.x: the components its
+    model_index.json lists) into `dst`, keeping its layout.
 
-    unet, text_encoder and text_encoder_2 are written in `dtype` (bfloat16 is the usual choice for
+    unet and the text encoders are written in `dtype` (bfloat16 is the usual choice for
     SDXL), the vae in float32 where its config has `force_upcast` (SDXL's does), else in `dtype`; each
     loads with `load_unet` / `load_text_encoder` / `load_vae`. tokenizer, tokenizer_2 and scheduler are
     copied (json and txt files), model_index.json too, with a `_distrifusion_jax` note. The components,
@@ -263,13 +277,14 @@ def convert_pipeline(
     src, dst = _path(src), _path(dst)
     dt = resolve_dtype(dtype)
     index = _check_pipeline(src)
+    components = pipeline_components(index)
     check_destination(src, dst, overwrite)
-    _check_tokenizers(src)
+    _check_tokenizers(src, components)
     start = time.perf_counter()
-    dtypes = {name: dt.name for name in PIPELINE_MODELS}
+    dtypes = {name: dt.name for name in PIPELINE_MODELS if name in components}
     dtypes["vae"] = vae_dtype(read_json(check_folder(src / "vae", "VAE") / "config.json"), dt)
     with staged(dst) as tmp:
-        totals = _write_pipeline(src, tmp, dtypes, variant, progress)
+        totals = _write_pipeline(src, tmp, dtypes, variant, progress, components)
         note = {
             "format_version": FORMAT_VERSION,
             "dtype": dt.name,
@@ -282,15 +297,16 @@ def convert_pipeline(
         (tmp / "model_index.json").write_text(json.dumps(dict(index, **{NOTE_KEY: note}), indent=2))
     if progress:
         names = dt.name if dtypes["vae"] == dt.name else f"{dt.name}, vae {dtypes['vae']}"
-        print(summary(totals, src, dst, names, start, what="SDXL pipeline: "), file=sys.stderr)
+        kind = "SDXL" if "text_encoder_2" in components else "Stable Diffusion"
+        print(summary(totals, src, dst, names, start, what=f"{kind} pipeline: "), file=sys.stderr)
     return dst
 
 
-def _write_pipeline(src: Path, out: Path, dtypes: dict, variant, progress: bool) -> dict:
+def _write_pipeline(src: Path, out: Path, dtypes: dict, variant, progress: bool, components) -> dict:
     """Every component of `src` converted or copied into `out`; returns all tensors written, for the summary."""
     totals = {}
     with tqdm(
-        PIPELINE_COMPONENTS,
+        components,
         desc="converting pipeline",
         unit="component",
         file=sys.stderr,
@@ -374,10 +390,6 @@ def convert(
             )
         if loras:
             sf = plan_single_file(src, config)
-            if not sf.is_sdxl:
-                raise ConfigError(
-                    f"--lora applies to SDXL pipelines; {src} is a {LAYOUT_NAMES[sf.layout]} checkpoint"
-                )
             check_loras(loras, Path(__file__).parent / "configs" / sf.config_name)  # its bundled configs
         return convert_single_file(src, dst, config, dtype, progress, overwrite, loras)
     if config:
@@ -388,9 +400,7 @@ def convert(
         check_loras(loras, src)
         return convert_pipeline(src, dst, dtype, variant, progress, overwrite, loras)
     if loras:
-        raise ConfigError(
-            f"--lora applies to SDXL pipelines (UNet and text encoders); {src} is a UNet folder"
-        )
+        raise ConfigError(f"--lora applies to pipelines (UNet and text encoders); {src} is a UNet folder")
     return convert_unet(src, dst, dtype, variant, progress, overwrite)
 
 
@@ -410,6 +420,7 @@ def fuse_converted(folder: Path, loras) -> list:
     if not loras:
         return []
     files = {name: Path(folder) / name / CONVERTED_WEIGHTS for name in LORA_COMPONENTS}
+    files = {name: f for name, f in files.items() if f.is_file()}  # SD 1.x / 2.x, the refiner: one encoder
     params = {name: keymap.unflatten(load_file(str(f))) for name, f in files.items()}
     undo = None
     for path, scale in loras:

@@ -521,3 +521,46 @@ def test_sd_pipeline_on_every_parallelism(sd):
     )
     assert psnr(tensor, one) >= PSNR_MIN and psnr(displaced, one) >= 30
     assert np.isfinite(naive).all() and psnr(naive, one) < psnr(displaced, one)
+
+
+def test_convert_sd_and_refiner_folders_with_a_lora(sd, sdxl, tmp_path, monkeypatch):
+    """`convert` takes the components model_index.json lists: an SD 1.x folder (one encoder) and SDXL's refiner
+    (text_encoder_2 only) convert, and load and generate as their diffusers folders do (exactly); a LoRA fused at
+    conversion equals the one the pipeline fuses."""
+    import test_lora
+
+    from distrifusion_jax import keymap
+    from distrifusion_jax.convert import convert
+
+    sd_folder, _ = sd("sd1")
+    config = dj.DistriConfig(SD_HEIGHT, SD_WIDTH, devices=1)
+    plain = DistriPipeline.from_pretrained(sd_folder, config, dtype=jnp.float32)
+    base = {"unet": plain.unet_params, "text_encoder": plain.prompt_encoder.params[0]}
+    monkeypatch.setitem(test_lora.KOHYA, "text_encoder", "lora_te_")
+    lora = test_lora.kohya_file(
+        tmp_path / "sd.safetensors", {k: jax.tree.map(np.asarray, v) for k, v in base.items()}
+    )
+    converted = convert(sd_folder, tmp_path / "sd-jax", progress=False)
+    fused = convert(sd_folder, tmp_path / "sd-jax-lora", progress=False, loras=[(lora, 0.5)])
+    ours = DistriPipeline.from_pretrained(converted, config, dtype=jnp.float32)
+    kw = dict(num_inference_steps=2, seed=1, output_type="np")
+    np.testing.assert_array_equal(ours(PROMPT, **kw).images, plain(PROMPT, **kw).images)
+    from_fused = DistriPipeline.from_pretrained(fused, config, dtype=jnp.float32)
+    plain.load_lora(lora, 0.5)
+    for got, want in (
+        (from_fused.unet_params, plain.unet_params),
+        (from_fused.prompt_encoder.params[0], plain.prompt_encoder.params[0]),
+    ):
+        a, b = keymap.flatten(got), keymap.flatten(want)
+        assert sorted(a) == sorted(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    refiner_dir = sdxl[2]
+    refiner = convert(refiner_dir, tmp_path / "refiner-jax", progress=False)
+    assert not (refiner / "text_encoder").exists() and (refiner / "text_encoder_2").is_dir()
+    config = dj.DistriConfig(HEIGHT, WIDTH, devices=1)
+    lat = noise((1, 4, HEIGHT // 8, WIDTH // 8), 7)
+    run = lambda path: (
+        DistriSDXLPipeline.from_pretrained(path, config, dtype=jnp.float32)(  # noqa: E731
+            PROMPT, image=lat, denoising_start=0.5, num_inference_steps=4, output_type="latent"
+        ).images
+    )
+    np.testing.assert_array_equal(run(refiner), run(refiner_dir))
