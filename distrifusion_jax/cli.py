@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "src",
-        help="diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, "
-        "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or UNet folder "
+        help="diffusers pipeline folder (model_index.json, unet/, vae/, scheduler/ and the text encoders and "
+        "tokenizers it lists: SDXL base, its refiner, SD 1.x / 2.x) or UNet folder "
         "(config.json + diffusion_pytorch_model[.fp16].safetensors), or a single-file checkpoint in the "
         "original layout (model.safetensors: SDXL -> an SDXL pipeline folder, SD 1.x / 2.x -> an SD pipeline folder; "
         "pickles (.ckpt, .pt, .bin) are refused)",
