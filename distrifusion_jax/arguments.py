@@ -78,22 +78,50 @@ def micro_conditioning(
     original_size,
     crops_coords_top_left,
     target_size,
-    aesthetic: bool = False,
-    score: float = 6.0,
-    negative_score: float = 2.5,
-) -> tuple:
-    """(negative, positive) time ids: SDXL's six (original size, crop's top-left corner, target size; sizes
-    default to the image's), or with `aesthetic` the refiner's five (original size, crop corner, aesthetic
-    score: `negative_score` for the negative rows, as diffusers)."""
+    kind: str = "sdxl",
+    score=None,
+    negative_score=None,
+):
+    """(negative, positive) time ids of a model `kind`: "sdxl", SDXL's six (original size, crop's top-left corner,
+    target size; sizes default to the image's); "refiner", the refiner's five (original size, crop corner, the
+    aesthetic `score`, default 6, and `negative_score`, default 2.5, for the negative rows, as diffusers); "sd",
+    None (SD 1.x / 2.x take none). An argument the model does not take is one ConfigError line."""
+    takes = {"sdxl": ("original_size", "crops_coords_top_left", "target_size"), "sd": ()}.get(
+        kind, ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score")
+    )
+    given = {
+        "original_size": original_size is not None,
+        "crops_coords_top_left": not _is_origin(crops_coords_top_left),
+        "target_size": target_size is not None,
+        "aesthetic_score": score is not None,
+        "negative_aesthetic_score": negative_score is not None,
+    }
+    extra = [name for name, was in given.items() if was and name not in takes]
+    if extra:
+        what = {"sdxl": "SDXL's base", "refiner": "SDXL's refiner", "sd": "this SD 1.x / 2.x model"}[kind]
+        raise ConfigError(
+            f"{extra[0]}: {what} takes no such conditioning ({', '.join(takes) or 'no micro-conditioning'}); "
+            "leave it out"
+        )
+    if kind == "sd":
+        return None
     image = (dc.height, dc.width)
     ids = pair_arg("original_size", original_size, image, "(height, width)") + pair_arg(
         "crops_coords_top_left", crops_coords_top_left, None, "(top, left)"
     )
-    if aesthetic:
-        pos, neg = float_arg("aesthetic_score", score), float_arg("negative_aesthetic_score", negative_score)
+    if kind == "refiner":
+        pos = float_arg("aesthetic_score", 6.0 if score is None else score)
+        neg = float_arg("negative_aesthetic_score", 2.5 if negative_score is None else negative_score)
         return ids + [neg], ids + [pos]
     ids = ids + pair_arg("target_size", target_size, image, "(height, width)")
     return ids, ids
+
+
+def _is_origin(value) -> bool:
+    try:
+        return [float(v) for v in value] == [0.0, 0.0]
+    except (TypeError, ValueError):
+        return False
 
 
 def pair_arg(name: str, value, default, what: str) -> list:

@@ -262,8 +262,8 @@ class DistriPipeline(Workflows):
         negative_pooled_prompt_embeds=None,
         denoising_start: Optional[float] = None,
         denoising_end: Optional[float] = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
+        aesthetic_score: Optional[float] = None,
+        negative_aesthetic_score: Optional[float] = None,
         callback=None,
     ) -> PipelineOutput:
         """Generate images; the size and the device layout come from the DistriConfig (every argument: docs/usage.md).
@@ -321,17 +321,16 @@ class DistriPipeline(Workflows):
         if dc.do_classifier_free_guidance != do_cfg:
             dc = dataclasses.replace(dc, do_classifier_free_guidance=do_cfg)
         n_images = batch * per_prompt
-        time_ids = None
-        if self.is_sdxl:
-            time_ids = micro_conditioning(
-                dc,
-                original_size,
-                crops_coords_top_left,
-                target_size,
-                self.requires_aesthetics_score,
-                aesthetic_score,
-                negative_aesthetic_score,
-            )
+        kind = ("refiner" if self.requires_aesthetics_score else "sdxl") if self.is_sdxl else "sd"
+        time_ids = micro_conditioning(
+            dc,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            kind,
+            aesthetic_score,
+            negative_aesthetic_score,
+        )
         sched = self.scheduler_for(scheduler)
         steps = check_schedule(sched, num_inference_steps)
         latent_shape = (4, dc.latent_height, dc.latent_width)

@@ -204,6 +204,10 @@ def test_pipeline_classes_refuse_the_other_family_in_one_line(sd, sdxl):
     ours = DistriSDPipeline.from_pretrained(sd_folder, dj.DistriConfig(SD_HEIGHT, SD_WIDTH, devices=1))
     with pytest.raises(ConfigError, match="pooled_prompt_embeds given, but this model takes no pooled"):
         ours(prompt_embeds=np.zeros((1, 77, 12)), pooled_prompt_embeds=np.zeros((1, 12)))
+    with pytest.raises(
+        ConfigError, match="original_size: this SD 1.x / 2.x model takes no such conditioning"
+    ):
+        ours(PROMPT, original_size=(1024, 1024))
 
 
 # ---- SDXL base + refiner ----
@@ -299,6 +303,8 @@ def test_refiner_aesthetic_score_is_conditioning(sdxl):
         ConfigError, match=r"denoising_start=1.5 is not supported: pass a fraction in \(0, 1\)"
     ):
         run(denoising_start=1.5)
+    with pytest.raises(ConfigError, match="target_size: SDXL's refiner takes no such conditioning"):
+        run(target_size=(HEIGHT, WIDTH))
     with pytest.raises(ConfigError, match="denoising_start without image"):
         ours(PROMPT, num_inference_steps=4, denoising_start=0.5)
     with pytest.raises(ConfigError, match="image_noise samples a pixel image's VAE posterior"):
@@ -336,6 +342,8 @@ def test_prompt_embeds_from_diffusers_equal_the_prompt(sdxl):
     # without negative embeddings: SDXL's zeros, as for no negative prompt
     zeros = ours(prompt_embeds=embeds.numpy(), pooled_prompt_embeds=pooled.numpy(), **kw).images
     assert np.abs(zeros - ours(PROMPT, **kw).images).max() <= 1e-4
+    with pytest.raises(ConfigError, match="aesthetic_score: SDXL's base takes no such conditioning"):
+        ours(PROMPT, aesthetic_score=7.0, **kw)
     with pytest.raises(ConfigError, match="prompt_embeds without pooled_prompt_embeds: SDXL needs both"):
         ours(prompt_embeds=embeds.numpy(), **kw)
     with pytest.raises(ConfigError, match="both prompt and prompt_embeds given"):
