@@ -28,6 +28,7 @@ from .weights.clip import read_text_encoder_params
 from .weights.converted import FORMAT_VERSION, NOTE_KEY, summary, write_converted
 from .weights.files import CONVERTED_WEIGHTS
 from .weights.lora import LORA_COMPONENTS, abstract_trees, fuse_lora, plan_lora, read_lora
+from .weights.pipeline_weights import TOKENIZER_OF, listed, pipeline_components
 from .weights.single_file import (
     LAYOUT_NAMES,
     is_single_file,
@@ -45,16 +46,6 @@ CARRIED_FIELDS = ("sample_size",)
 PIPELINE_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 PIPELINE_FILES = ("tokenizer", "tokenizer_2", "scheduler")  # copied: their json and txt files only
 PIPELINE_COMPONENTS = PIPELINE_MODELS + PIPELINE_FILES
-TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-
-
-def pipeline_components(index: dict) -> tuple:
-    """The components a pipeline folder has: unet, vae, scheduler and the text encoders its model_index.json
-    lists with their tokenizers (SDXL's base both, its refiner text_encoder_2 only, SD 1.x / 2.x one; an
-    index listing neither: SDXL's two)."""
-    encoders = [e for e in TOKENIZER_OF if _listed(index.get(e))] or list(TOKENIZER_OF)
-    wanted = {"unet", "vae", "scheduler", *encoders, *(TOKENIZER_OF[e] for e in encoders)}
-    return tuple(c for c in PIPELINE_COMPONENTS if c in wanted)
 
 
 # ---- writing one converted model ----
@@ -220,7 +211,7 @@ def _check_pipeline(src: Path) -> dict:
         raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
     if not isinstance(index, dict):
         raise CheckpointError(f"{index_path}: expected a JSON object")
-    missing = [c for c in pipeline_components(index) if not (src / c).is_dir() or not _listed(index.get(c))]
+    missing = [c for c in pipeline_components(index) if not (src / c).is_dir() or not listed(index.get(c))]
     if missing:
         raise CheckpointError(
             f"{src}: pipeline component(s) missing: {', '.join(missing)} (a folder and a "
@@ -240,11 +231,6 @@ def _check_tokenizers(src: Path, components) -> None:
             continue
         config = CLIPTextConfig.from_json(check_folder(src / enc, enc) / "config.json")
         load_tokenizer(src / tok, vocab_size=config.vocab_size, what=tok)
-
-
-def _listed(entry) -> bool:
-    """A model_index.json entry naming a component: [library, class], neither null (null: not part of it)."""
-    return isinstance(entry, list) and len(entry) == 2 and None not in entry
 
 
 def _copy_files(src: Path, dst: Path) -> None:

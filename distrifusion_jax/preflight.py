@@ -19,11 +19,10 @@ from .errors import CheckpointError, ConfigError, show
 from .models.unet import UNetConfig
 from .schedulers import make_scheduler, scheduler_from_config
 from .tokenizer import load_tokenizer
+from .weights.pipeline_weights import TOKENIZER_OF, listed_encoders, pipeline_components
 from .weights.single_file import SD_LAYOUTS, SDXL_LAYOUTS, cached_pipeline, is_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-# text encoder folder -> its tokenizer's
-TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 STEP_SEARCH = 64  # how far below a refused step count to look for one the scheduler supports
 # models inside the package, by name: the demo model trained by tools/train_demo.py (docs/demo-model.md)
 BUNDLED = {"demo": Path(__file__).parent / "demo"}
@@ -128,19 +127,6 @@ def read_json_file(root: Path, rel: str) -> dict:
         ) from None
 
 
-def listed_encoders(index: dict, unet: UNetConfig) -> tuple:
-    """The text encoders a pipeline folder uses, from its model_index.json (an entry set to null is not part of
-    it: SDXL's refiner has only text_encoder_2); SDXL needs one with a projection, SD 1.x / 2.x one encoder."""
-    names = tuple(n for n in TOKENIZER_OF if n in index and _listed(index[n]))
-    if unet.addition_embed_type == "text_time":
-        return names or ("text_encoder", "text_encoder_2")
-    return names or ("text_encoder",)
-
-
-def _listed(entry) -> bool:
-    return isinstance(entry, (list, tuple)) and len(entry) == 2 and None not in entry
-
-
 def read_model(root: Path) -> ModelFiles:
     """The configuration files of the pipeline folder `root` (already resolved from a hub id): SDXL (base or
     refiner) or SD 1.x / 2.x, told apart by the UNet's micro-conditioning."""
@@ -152,8 +138,8 @@ def read_model(root: Path) -> ModelFiles:
     index = read_json_file(root, "model_index.json")
     unet_dir_missing = not (root / "unet").is_dir()
     unet = None if unet_dir_missing else UNetConfig.from_dict(read_json_file(root, "unet/config.json"))
-    encoders = listed_encoders(index, unet) if unet is not None else ("text_encoder", "text_encoder_2")
-    wanted = ("unet", "vae", "scheduler", *encoders, *(TOKENIZER_OF[e] for e in encoders))
+    sdxl = unet is None or unet.addition_embed_type == "text_time"
+    encoders, wanted = listed_encoders(index, sdxl), pipeline_components(index, sdxl)
     missing = [c for c in COMPONENTS if c in wanted and not (root / c).is_dir()]
     if missing:
         kind = "SDXL" if unet is None or unet.addition_embed_type == "text_time" else "Stable Diffusion"

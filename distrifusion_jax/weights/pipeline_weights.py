@@ -1,4 +1,5 @@
-"""A pipeline folder's weights, read straight onto the devices that use them."""
+"""A pipeline folder's components (the text encoders its model_index.json lists) and its weights, read straight
+onto the devices that use them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,27 @@ from ..parallel import make_mesh
 from .clip import load_text_encoder
 from .unet import load_unet
 from .vae import load_vae
+
+# a text encoder folder -> its tokenizer's
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def listed(entry) -> bool:
+    """A model_index.json entry naming a component: [library, class], neither null (null: not part of it)."""
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and None not in entry
+
+
+def listed_encoders(index: dict, sdxl: bool = True) -> tuple:
+    """The text encoders a pipeline folder uses, from its model_index.json: SDXL's base both, its refiner
+    text_encoder_2 only, SD 1.x / 2.x one; an index listing none: SDXL's two (`sdxl`), else text_encoder."""
+    names = tuple(n for n in TOKENIZER_OF if listed(index.get(n)))
+    return names or (tuple(TOKENIZER_OF) if sdxl else ("text_encoder",))
+
+
+def pipeline_components(index: dict, sdxl: bool = True) -> tuple:
+    """unet, vae, scheduler and the listed text encoders with their tokenizers (`listed_encoders`)."""
+    encoders = listed_encoders(index, sdxl)
+    return ("unet", "vae", "scheduler", *encoders, *(TOKENIZER_OF[e] for e in encoders))
 
 
 def load_pipeline_weights(
