@@ -41,6 +41,10 @@ class Case:
     stale_kv: str = "kv"
     stale_kv_dtype: Optional[str] = None
 
+    def row(self) -> dict:
+        """The case's fields as a report row starts (all but the model config)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
+
     def distri_config(self, devices: Optional[int] = None) -> DistriConfig:
         """The DistriConfig of this case (guidance on), for `devices` devices (default: the case's)."""
         return DistriConfig(

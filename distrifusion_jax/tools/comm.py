@@ -208,17 +208,7 @@ def analyze(
     """
     if unet is None:
         unet, params = abstract_model(case.config, case.dtype)
-    row = dict(
-        height=case.height,
-        width=case.width,
-        devices=case.devices,
-        cfg_split=case.cfg_split,
-        dtype=case.dtype,
-        mode=case.mode,
-        batch=case.batch,
-        stale_kv=case.stale_kv,
-        stale_kv_dtype=case.stale_kv_dtype,
-    )
+    row = case.row()
     try:
         d = make_denoiser(unet, case)
     except ConfigError as e:

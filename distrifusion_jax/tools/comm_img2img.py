@@ -104,16 +104,8 @@ def refine_traffic(unet, params, case: Case, refine: Refine) -> dict:
 def analyze(case: Case, unet, params, vae, vae_params, refine: Refine = Refine()) -> dict:
     """Bytes received by the busiest device (most over encode + refine) in one img2img of `case`'s size."""
     row = dict(
-        height=case.height,
-        width=case.width,
-        devices=case.devices,
-        cfg_split=case.cfg_split,
-        dtype=case.dtype,
+        case.row(),
         vae_dtype=str(jnp.dtype(vae.dtype)),
-        mode=case.mode,
-        batch=case.batch,
-        stale_kv=case.stale_kv,
-        stale_kv_dtype=case.stale_kv_dtype,
         steps=refine.steps,
         strength=refine.strength,
         warmup_steps=refine.warmup_steps,
