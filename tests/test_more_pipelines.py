@@ -3,7 +3,6 @@ noise): SD 1.x (epsilon) and SD 2.x (v-prediction) as StableDiffusionPipeline on
 refiner split (denoising_end / denoising_start, the refiner's aesthetic-score time ids, text_encoder_2 only);
 prompt_embeds computed by diffusers' encode_prompt; the per-step callback."""
 
-import json
 from importlib import resources
 
 import jax
@@ -16,26 +15,19 @@ from test_pipeline import PSNR_MIN, psnr, tiny_sdxl
 import distrifusion_jax as dj
 from distrifusion_jax.errors import ConfigError
 from distrifusion_jax.pipeline import DistriPipeline, DistriSDPipeline, DistriSDXLPipeline
-from helpers import REFINER_TINY, SD1_TINY, SD2_TINY, perturbed, torch_unet
+from helpers import REFINER_TINY, SD1_TINY, SD2_TINY, perturbed, sdxl_scheduler_config, torch_unet
 
 PROMPT, NEGATIVE = "a red cube on a table", "blurry"
 # SD's four-level UNet takes latents divisible by 2^3: 8 bands of 8 latent rows need 512 pixel rows
 SD_HEIGHT, SD_WIDTH = 512, 64
-HEIGHT, WIDTH = (
-    128,
-    192,
-)  # SDXL (the tiny base has two levels; the tiny refiner four: 16 latent rows, 2 bands)
+# SDXL: the tiny base has two levels, the tiny refiner four (16 latent rows: 2 bands)
+HEIGHT, WIDTH = 128, 192
 TOKENIZER = str(resources.files("distrifusion_jax").joinpath("assets/clip-tokenizer"))
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "dpm-solver": "DPMSolverMultistepScheduler",
 }
-
-
-def sdxl_scheduler_config() -> dict:
-    path = "configs/sdxl-base-1.0/scheduler/scheduler_config.json"
-    return json.loads(resources.files("distrifusion_jax").joinpath(path).read_text())
 
 
 def clip_text(hidden: int, act: str, projection: bool = False):
