@@ -264,30 +264,33 @@ def check_image_or_latents(image, n_images: int, dc: DistriConfig) -> tuple:
     return check_image(image, n_images, dc), None
 
 
-def denoising_split(sched, steps: int, start, end, name: str) -> tuple:
-    """(first step, stop) of the `steps`-step schedule for diffusers' `denoising_start` / `denoising_end`, a
-    fraction in (0, 1) of the training timesteps: the base stops before the first timestep below the cutoff
-    round(T - end * T); the refiner runs the timesteps below round(T - start * T). None: the whole schedule."""
-    value = start if end is None else end
-    if value is None:
-        return 0, steps
-    fraction = float_arg(name, value)
-    if not 0.0 < fraction < 1.0:
+def _cutoff(sched, fraction, name: str) -> int:
+    """diffusers' discrete cutoff round(T - fraction * T) for a fraction in (0, 1) of the denoising."""
+    value = float_arg(name, fraction)
+    if not 0.0 < value < 1.0:
         raise ConfigError(
-            f"{name}={short_repr(value)} is not supported: pass a fraction in (0, 1) of the denoising (e.g. 0.8: "
-            "the base runs the first 80%, the refiner the rest)"
+            f"{name}={short_repr(fraction)} is not supported: pass a fraction in (0, 1) of the denoising (e.g. "
+            "0.8: the base runs the first 80%, the refiner the rest)"
         )
-    n_train = sched.num_train_timesteps
-    cutoff = int(round(n_train - fraction * n_train))
-    timesteps = np.asarray(sched.timesteps(steps))
-    if end is not None:
-        stop = int((timesteps >= cutoff).sum())
-        if stop == 0:
-            raise ConfigError(f"{name}={fraction:g} with {steps} steps runs no step: raise it or the steps")
-        return 0, stop
-    run = int((timesteps < cutoff).sum())
+    return int(round(sched.num_train_timesteps - value * sched.num_train_timesteps))
+
+
+def denoising_stop(sched, steps: int, end, name: str = "denoising_end") -> int:
+    """The step the base stops before for diffusers' `denoising_end` (the schedule's timesteps at or above the
+    cutoff run); `steps` for None."""
+    if end is None:
+        return steps
+    stop = int((np.asarray(sched.timesteps(steps)) >= _cutoff(sched, end, name)).sum())
+    if stop == 0:
+        raise ConfigError(f"{name}={end:g} with {steps} steps runs no step: raise it or the steps")
+    return stop
+
+
+def denoising_first(sched, steps: int, start, name: str = "denoising_start") -> int:
+    """The first step the refiner runs for diffusers' `denoising_start` (the timesteps below the cutoff)."""
+    run = int((np.asarray(sched.timesteps(steps)) < _cutoff(sched, start, name)).sum())
     if run == 0:
         raise ConfigError(
-            f"{name}={fraction:g} with {steps} steps leaves no step to run: lower it or raise the steps"
+            f"{name}={start:g} with {steps} steps leaves no step to run: lower it or raise the steps"
         )
-    return steps - run, steps
+    return steps - run

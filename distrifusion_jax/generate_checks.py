@@ -47,7 +47,7 @@ def hires_sizes(args):
 def check_refiner(args, files, config: DistriConfig, devices):
     """--refiner: its folder's configuration files (an SDXL pipeline, its size rule on this layout, the split of the
     schedule), read before any weight; None without it."""
-    from .arguments import denoising_split
+    from .arguments import denoising_first, denoising_stop
     from .preflight import make_scheduler_of, read_model, resolve_model_path
 
     if args.refiner is None:
@@ -63,8 +63,8 @@ def check_refiner(args, files, config: DistriConfig, devices):
         raise ConfigError(f"--refiner {args.refiner}: not an SDXL pipeline (SDXL's refiner is one)")
     config.check_model(refiner.unet, len(devices))
     sched = make_scheduler_of(files, args.scheduler)
-    denoising_split(sched, args.steps, None, args.refiner_start, "--refiner-start")
-    denoising_split(sched, args.steps, args.refiner_start, None, "--refiner-start")
+    denoising_stop(sched, args.steps, args.refiner_start, "--refiner-start")
+    denoising_first(sched, args.steps, args.refiner_start, "--refiner-start")
     return refiner
 
 

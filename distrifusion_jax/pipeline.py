@@ -19,7 +19,8 @@ from .arguments import (
     check_output_type,
     check_prompts,
     check_strength,
-    denoising_split,
+    denoising_first,
+    denoising_stop,
     float_arg,
     int_arg,
     micro_conditioning,
@@ -287,6 +288,23 @@ class DistriPipeline(Workflows):
         run every process calls this with the same arguments and gets the same images.
         """
         check_output_type(output_type)
+        dc = self.distri_config
+        kind = ("refiner" if self.requires_aesthetics_score else "sdxl") if self.is_sdxl else "sd"
+        time_ids = micro_conditioning(
+            dc,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            kind,
+            aesthetic_score,
+            negative_aesthetic_score,
+        )
+        c = self.unet.config  # the pooled text embedding fills what the time ids leave of the class embedding
+        pooled_width = (
+            None
+            if time_ids is None
+            else (c.projection_class_embeddings_input_dim - len(time_ids[0]) * c.addition_time_embed_dim)
+        )
         given_embeds, given = check_given_embeds(
             {
                 "embeds": prompt_embeds,
@@ -300,8 +318,8 @@ class DistriPipeline(Workflows):
                 "negative_prompt": negative_prompt,
                 "negative_prompt_2": negative_prompt_2,
             },
-            self.unet.config.cross_attention_dim[0],
-            self.pooled_width,
+            c.cross_attention_dim[0],
+            pooled_width,
         )
         batch = check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, given_embeds)
         per_prompt = int_arg("num_images_per_prompt", num_images_per_prompt, 1)
@@ -316,26 +334,15 @@ class DistriPipeline(Workflows):
                 raise ConfigError(
                     f"{name}={short_repr(fn)} is not callable: pass a function {signature} or None"
                 )
-        dc = self.distri_config
         do_cfg = guidance_scale > 1.0
         if dc.do_classifier_free_guidance != do_cfg:
             dc = dataclasses.replace(dc, do_classifier_free_guidance=do_cfg)
         n_images = batch * per_prompt
-        kind = ("refiner" if self.requires_aesthetics_score else "sdxl") if self.is_sdxl else "sd"
-        time_ids = micro_conditioning(
-            dc,
-            original_size,
-            crops_coords_top_left,
-            target_size,
-            kind,
-            aesthetic_score,
-            negative_aesthetic_score,
-        )
         sched = self.scheduler_for(scheduler)
         steps = check_schedule(sched, num_inference_steps)
         latent_shape = (4, dc.latent_height, dc.latent_width)
         latents = check_latents(latents, (n_images, *latent_shape), dc)
-        first, stop = 0, denoising_split(sched, steps, None, denoising_end, "denoising_end")[1]
+        first, stop = 0, denoising_stop(sched, steps, denoising_end)
         pixels = given_latents = None
         if denoising_start is not None and image is None:
             raise ConfigError(
@@ -344,7 +351,7 @@ class DistriPipeline(Workflows):
             )
         if image is not None:
             if denoising_start is not None:
-                first = denoising_split(sched, steps, denoising_start, None, "denoising_start")[0]
+                first = denoising_first(sched, steps, denoising_start)
             else:
                 first = check_strength(strength, steps)
             if stop <= first:
@@ -433,17 +440,6 @@ class DistriPipeline(Workflows):
             return PipelineOutput(image, self._summary(timings, clock))
         images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]
         return PipelineOutput(images, self._summary(timings, clock))
-
-    @property
-    def pooled_width(self) -> Optional[int]:
-        """The width of the pooled text embedding the UNet takes (SDXL: 1280), None for SD 1.x / 2.x."""
-        c = self.unet.config
-        if not self.is_sdxl:
-            return None
-        return (
-            c.projection_class_embeddings_input_dim
-            - (5 if self.requires_aesthetics_score else 6) * c.addition_time_embed_dim
-        )
 
     def _image_latents(self, pixels, given, image_noise, noise, sched, steps, first, seed, add_noise: bool):
         """img2img's starting latents [n, h, w, 4]: the image encoded (its posterior sampled with image_noise, else

@@ -126,7 +126,8 @@ class PromptEncoder:
         """[uncond; cond] embeddings (or cond only without guidance), each prompt repeated per image; pooled is
         None for SD 1.x / 2.x. `given` (from `check_given_embeds`): embeddings the caller computed, used in
         place of encoding the prompts they stand for."""
-        given = given or {}
+        # in the encoders' dtype, as their own output: the same compiled programs serve both routes
+        given = {k: v.astype(self.encoders[0].dtype) for k, v in (given or {}).items()}
         if "embeds" in given:
             embeds, pooled = given["embeds"], given.get("pooled")
         else:
