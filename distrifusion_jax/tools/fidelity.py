@@ -22,6 +22,7 @@ table-1 cases side by side).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
@@ -391,8 +392,7 @@ def run(args) -> None:
     print(f"wrote {Path(o.out) / 'tables.md'} in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
-def main(argv=None) -> int:
-    p = parser(__doc__, "fidelity")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="results folder (results.json, tables.md, samples.png); resumes"
     )
@@ -407,6 +407,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--tables", nargs="+", default=list(TABLES), metavar="TABLE", help=f"of {', '.join(TABLES)}"
     )
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__, "fidelity")
+    add_arguments(p)
     return run_command(p, run, argv)
 
 

@@ -310,46 +310,63 @@ def write_pipeline(
     return final
 
 
+# The command's defaults are TrainOptions' own, so `--help`, the CLI and the Python API cannot drift apart
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     p.add_argument(
         "--out", required=True, help="output folder (checkpoints/, loss.png, pipeline/); rerun to resume"
     )
     p.add_argument(
-        "--preset", default="tiny-sdxl", help="bundled model configs to train (default: tiny-sdxl)"
+        "--preset", default=d["preset"], help=f"bundled model configs to train (default: {d['preset']})"
     )
-    p.add_argument("--vae-steps", type=positive, default=600, help="VAE steps (default 600)")
+    p.add_argument(
+        "--vae-steps", type=positive, default=d["vae_steps"], help=f"VAE steps (default {d['vae_steps']})"
+    )
     p.add_argument(
         "--unet-steps",
         "--steps",
         dest="unet_steps",
         type=positive,
-        default=4500,
-        help="UNet steps (default 5500)",
+        default=d["unet_steps"],
+        help=f"UNet steps (default {d['unet_steps']})",
     )
     p.add_argument(
         "--high-noise-steps",
         type=int,
-        default=1000,
-        help="the last N UNet steps draw more high-noise timesteps (density ~ t^(power - 1); default 1000)",
+        default=d["high_noise_steps"],
+        help="the last N UNet steps draw more high-noise timesteps (density ~ t^(power - 1); "
+        f"default {d['high_noise_steps']})",
     )
     p.add_argument(
         "--high-noise-power",
         type=float,
-        default=2.0,
-        help="the power of that density (default 2: rising linearly with t; 1: uniform)",
+        default=d["high_noise_power"],
+        help=f"the power of that density (default {d['high_noise_power']:g}: rising linearly with t; 1: uniform)",
     )
-    p.add_argument("--batch", type=positive, default=16, help="UNet batch (default 16)")
-    p.add_argument("--vae-batch", type=positive, default=8)
+    p.add_argument("--batch", type=positive, default=d["batch"], help=f"UNet batch (default {d['batch']})")
+    p.add_argument("--vae-batch", type=positive, default=d["vae_batch"])
     p.add_argument(
         "--train-images",
         type=positive,
-        default=6144,
-        help="scenes in the UNet's training set, encoded once (default 6144)",
+        default=d["train_images"],
+        help=f"scenes in the UNet's training set, encoded once (default {d['train_images']})",
     )
-    p.add_argument("--vae-crop", type=positive, default=128, help="VAE training crop in pixels (default 128)")
-    p.add_argument("--size", type=positive, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="0 <= SEED < 2^63 (default: 0)")
-    p.add_argument("--checkpoint-every", type=positive, default=200)
+    p.add_argument(
+        "--vae-crop",
+        type=positive,
+        default=d["vae_crop"],
+        help=f"VAE training crop in pixels (default {d['vae_crop']})",
+    )
+    p.add_argument(
+        "--size", type=positive, default=d["size"], help=f"image size in pixels (default {d['size']})"
+    )
+    p.add_argument(
+        "--seed", type=seed_arg, default=d["seed"], help=f"0 <= SEED < 2^63 (default: {d['seed']})"
+    )
+    p.add_argument("--checkpoint-every", type=positive, default=d["checkpoint_every"])
 
 
 def run(args) -> None:
