@@ -20,7 +20,7 @@ from .models.unet import UNetConfig
 from .schedulers import make_scheduler, scheduler_from_config
 from .tokenizer import load_tokenizer
 from .weights.pipeline_weights import TOKENIZER_OF, listed_encoders, pipeline_components
-from .weights.single_file import SD_LAYOUTS, SDXL_LAYOUTS, cached_pipeline, is_single_file
+from .weights.single_file import FAMILY_LAYOUTS, PIPELINE_OF, cached_pipeline, is_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 STEP_SEARCH = 64  # how far below a refused step count to look for one the scheduler supports
@@ -276,9 +276,6 @@ def check_distri_config(distri_config) -> DistriConfig:
     return distri_config
 
 
-PIPELINE_OF = {"sdxl": "DistriSDXLPipeline", "sd": "DistriSDPipeline"}
-
-
 def check_family(files: ModelFiles, family) -> None:
     """A folder of the other family than the pipeline class runs: one line naming the class that loads it."""
     if family is not None and files.family != family:
@@ -307,7 +304,7 @@ def check_pretrained(
     distri_config = check_distri_config(distri_config)
     check_tiles(decode_tile_rows, name="decode_tile_rows")
     check_cache_dir(compilation_cache)
-    layouts = {"sdxl": SDXL_LAYOUTS, "sd": SD_LAYOUTS}.get(family)
+    layouts = FAMILY_LAYOUTS.get(family)
     files = read_model(resolve_model_path(path_or_hub_id, compilation_cache, layouts, single_file_config))
     check_family(files, family)
     jax_devices()  # a platform JAX cannot start fails here in one line

@@ -51,7 +51,12 @@ SD_MODELS = ("unet", "vae", "text_encoder")
 CONVERTED = {"sdxl": SDXL_MODELS, "sd1": SD_MODELS, "sd2": SD_MODELS}  # each into a pipeline folder
 LAYOUT_NAMES = {"sdxl": "SDXL", "sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
 SDXL_LAYOUTS, SD_LAYOUTS = ("sdxl",), ("sd1", "sd2")
-PIPELINE_CLASSES = {"sdxl": "DistriSDXLPipeline", "sd1": "DistriSDPipeline", "sd2": "DistriSDPipeline"}
+# A pipeline family (ModelFiles.family): its layouts, and the class that runs it
+FAMILY_LAYOUTS = {"sdxl": SDXL_LAYOUTS, "sd": SD_LAYOUTS}
+PIPELINE_OF = {"sdxl": "DistriSDXLPipeline", "sd": "DistriSDPipeline"}
+PIPELINE_CLASSES = {
+    layout: PIPELINE_OF[family] for family, layouts in FAMILY_LAYOUTS.items() for layout in layouts
+}
 # The tokenizer folders of each layout's pipeline (all on the bundled CLIP vocabulary) and their pad tokens
 TOKENIZERS = {"sdxl": SDXL_TOKENIZERS, "sd1": {"tokenizer": CLIP_PAD}, "sd2": {"tokenizer": OPENCLIP_PAD}}
 SAFETENSORS_FIX = "re-save it as .safetensors (safetensors.torch.save_file) where torch is installed"
