@@ -43,6 +43,11 @@ def positive(text: str) -> int:
     return value
 
 
+def option_defaults(cls) -> dict:
+    """An options dataclass's field defaults, for its flags: `--help`, the command and the Python API then agree."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 def options_from(cls, args: argparse.Namespace):
     """A tool's options dataclass from parsed flags: the fields it has (lists as tuples, so it stays hashable)."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..flags import run_command
 from ..pipeline import DistriSDXLPipeline
 from ..preflight import check_steps, make_scheduler_of, read_model, resolve_model_path
-from .command import add_device_counts, cpu_devices, options_from, parser, positive
+from .command import add_device_counts, cpu_devices, option_defaults, options_from, parser, positive
 from .demo_data import check_image, heldout_prompts
 
 TABLES = ("table1", "gn", "warmup", "steps", "schedulers", "stale")
@@ -393,19 +393,28 @@ def run(args) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = option_defaults(FidelityOptions)
     p.add_argument(
         "--out", required=True, help="results folder (results.json, tables.md, samples.png); resumes"
     )
     p.add_argument(
-        "--model", default="demo", help="pipeline folder or 'demo' (default: the bundled demo model)"
+        "--model", default=d["model"], help="pipeline folder or 'demo' (default: the bundled demo model)"
     )
-    p.add_argument("--prompts", type=positive, default=64, help="held-out prompts (default 64)")
-    p.add_argument("--steps", type=positive, default=50, help="denoising steps (default 50)")
-    p.add_argument("--size", type=positive, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--batch", type=positive, default=16, help="prompts per pipeline call (default 16)")
-    add_device_counts(p, [2, 4, 8], "device counts (default: 2 4 8; the ablations use the largest)")
     p.add_argument(
-        "--tables", nargs="+", default=list(TABLES), metavar="TABLE", help=f"of {', '.join(TABLES)}"
+        "--prompts", type=positive, default=d["prompts"], help="held-out prompts (default %(default)s)"
+    )
+    p.add_argument("--steps", type=positive, default=d["steps"], help="denoising steps (default %(default)s)")
+    p.add_argument(
+        "--size", type=positive, default=d["size"], help="image size in pixels (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch", type=positive, default=d["batch"], help="prompts per pipeline call (default %(default)s)"
+    )
+    add_device_counts(
+        p, list(d["device_counts"]), "device counts (default: 2 4 8; the ablations use the largest)"
+    )
+    p.add_argument(
+        "--tables", nargs="+", default=list(d["tables"]), metavar="TABLE", help=f"of {', '.join(TABLES)}"
     )
 
 

@@ -40,7 +40,7 @@ from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..pipeline import DistriSDXLPipeline
 from ..schedulers import scheduler_from_config
-from .command import options_from, parser, positive
+from .command import option_defaults, options_from, parser, positive
 from .demo_data import make_batch
 from .random_pipeline import write_random_pipeline
 from .train_steps import TIME_IDS, drop_captions, images_to_unit, make_step, unet_loss, vae_loss
@@ -310,20 +310,16 @@ def write_pipeline(
     return final
 
 
-# The command's defaults are TrainOptions' own, so `--help`, the CLI and the Python API cannot drift apart
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
+    d = option_defaults(TrainOptions)
     p.add_argument(
         "--out", required=True, help="output folder (checkpoints/, loss.png, pipeline/); rerun to resume"
     )
     p.add_argument(
-        "--preset", default=d["preset"], help=f"bundled model configs to train (default: {d['preset']})"
+        "--preset", default=d["preset"], help="bundled model configs to train (default: %(default)s)"
     )
     p.add_argument(
-        "--vae-steps", type=positive, default=d["vae_steps"], help=f"VAE steps (default {d['vae_steps']})"
+        "--vae-steps", type=positive, default=d["vae_steps"], help="VAE steps (default %(default)s)"
     )
     p.add_argument(
         "--unet-steps",
@@ -331,41 +327,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="unet_steps",
         type=positive,
         default=d["unet_steps"],
-        help=f"UNet steps (default {d['unet_steps']})",
+        help="UNet steps (default %(default)s)",
     )
     p.add_argument(
         "--high-noise-steps",
         type=int,
         default=d["high_noise_steps"],
-        help="the last N UNet steps draw more high-noise timesteps (density ~ t^(power - 1); "
-        f"default {d['high_noise_steps']})",
+        help="the last N UNet steps draw more high-noise timesteps (density ~ t^(power - 1); default %(default)s)",
     )
     p.add_argument(
         "--high-noise-power",
         type=float,
         default=d["high_noise_power"],
-        help=f"the power of that density (default {d['high_noise_power']:g}: rising linearly with t; 1: uniform)",
+        help="the power of that density (2: rising linearly with t; 1: uniform; default %(default)s)",
     )
-    p.add_argument("--batch", type=positive, default=d["batch"], help=f"UNet batch (default {d['batch']})")
+    p.add_argument("--batch", type=positive, default=d["batch"], help="UNet batch (default %(default)s)")
     p.add_argument("--vae-batch", type=positive, default=d["vae_batch"])
     p.add_argument(
         "--train-images",
         type=positive,
         default=d["train_images"],
-        help=f"scenes in the UNet's training set, encoded once (default {d['train_images']})",
+        help="scenes in the UNet's training set, encoded once (default %(default)s)",
     )
     p.add_argument(
         "--vae-crop",
         type=positive,
         default=d["vae_crop"],
-        help=f"VAE training crop in pixels (default {d['vae_crop']})",
+        help="VAE training crop in pixels (default %(default)s)",
     )
     p.add_argument(
-        "--size", type=positive, default=d["size"], help=f"image size in pixels (default {d['size']})"
+        "--size", type=positive, default=d["size"], help="image size in pixels (default %(default)s)"
     )
-    p.add_argument(
-        "--seed", type=seed_arg, default=d["seed"], help=f"0 <= SEED < 2^63 (default: {d['seed']})"
-    )
+    p.add_argument("--seed", type=seed_arg, default=d["seed"], help="0 <= SEED < 2^63 (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=positive, default=d["checkpoint_every"])
 
 
