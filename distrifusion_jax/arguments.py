@@ -73,6 +73,14 @@ def float_arg(name: str, value, low: Optional[float] = None, high: Optional[floa
     return v
 
 
+# the micro-conditioning arguments each model kind takes
+MICRO_CONDITIONING = {
+    "sdxl": ("original_size", "crops_coords_top_left", "target_size"),
+    "refiner": ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score"),
+    "sd": (),
+}
+
+
 def micro_conditioning(
     dc: DistriConfig,
     original_size,
@@ -86,9 +94,7 @@ def micro_conditioning(
     target size; sizes default to the image's); "refiner", the refiner's five (original size, crop corner, the
     aesthetic `score`, default 6, and `negative_score`, default 2.5, for the negative rows, as diffusers); "sd",
     None (SD 1.x / 2.x take none). An argument the model does not take is one ConfigError line."""
-    takes = {"sdxl": ("original_size", "crops_coords_top_left", "target_size"), "sd": ()}.get(
-        kind, ("original_size", "crops_coords_top_left", "aesthetic_score", "negative_aesthetic_score")
-    )
+    takes = MICRO_CONDITIONING[kind]
     given = {
         "original_size": original_size is not None,
         "crops_coords_top_left": not _is_origin(crops_coords_top_left),

@@ -142,9 +142,9 @@ def read_model(root: Path) -> ModelFiles:
     encoders, wanted = listed_encoders(index, sdxl), pipeline_components(index, sdxl)
     missing = [c for c in COMPONENTS if c in wanted and not (root / c).is_dir()]
     if missing:
-        kind = "SDXL" if unet is None or unet.addition_embed_type == "text_time" else "Stable Diffusion"
+        kind = "an SDXL" if sdxl else "a Stable Diffusion"
         raise CheckpointError(
-            f"{root}: missing component folder(s) {', '.join(missing)} of an {kind} pipeline; "
+            f"{root}: missing component folder(s) {', '.join(missing)} of {kind} pipeline; "
             "download or convert the whole pipeline again"
         )
     tokenizers = [

@@ -177,3 +177,15 @@ def test_step_limit_per_scheduler(name, most):
         f"{most} steps; use {most} or fewer",
     ):
         check_steps(sched, most + 1)
+
+
+@pytest.mark.parametrize("config, kind", [("sd-1.5", "a Stable Diffusion"), ("sdxl-base-1.0", "an SDXL")])
+def test_missing_component_folder_names_the_pipeline_kind(tmp_path, config, kind):
+    """A config-only folder (no vae/) of each family: one CheckpointError naming the folder and the kind."""
+    from distrifusion_jax.errors import CheckpointError
+    from distrifusion_jax.preflight import read_model
+
+    shutil.copytree(resources.files("distrifusion_jax").joinpath("configs", config), tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "vae")
+    with pytest.raises(CheckpointError, match=f"missing component folder\\(s\\) vae.* of {kind} pipeline;"):
+        read_model(tmp_path / "m")
